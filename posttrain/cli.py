@@ -1,0 +1,87 @@
+"""`posttrain <command> [CONFIG.yaml] [key=value ...]`: dispatch only.
+
+Exit codes: 0 success, 2 user error (one line on stderr starting `error:`), 1 internal
+failure (traceback), 130 interrupted (a checkpoint was saved; re-run to resume).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from posttrain.config import help_text, load_config
+from posttrain.errors import UserError
+
+# command -> (module, config class, function, one-line description)
+TRAINING = {
+    "sft": ("posttrain.train.sft", "SFTConfig", "sft", "supervised fine-tuning (full or any adapter)"),
+}
+# command -> (module, function taking argv, one-line description)
+TOOLS = {
+    "plot": ("posttrain.plot", "main", "plot a run's loss/lr/throughput curves to a PNG"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: posttrain <command> [CONFIG.yaml] [key=value ...]", "", "commands:"]
+    for name, entry in {**TRAINING, **TOOLS}.items():
+        lines.append(f"  {name:<10} {entry[-1]}")
+    lines.append("\n`posttrain <command> --help` lists the command's keys.")
+    return "\n".join(lines)
+
+
+def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The optional YAML path (first argument without '=') and the overrides."""
+    path = None
+    overrides = []
+    for arg in argv:
+        if "=" not in arg and path is None and arg.endswith((".yaml", ".yml")):
+            path = arg
+        elif "=" in arg:
+            overrides.append(arg)
+        else:
+            raise UserError(f"unexpected argument {arg!r}; expected CONFIG.yaml or key=value")
+    return path, overrides
+
+
+def run_training(name: str, argv: list[str]) -> None:
+    module_name, cls_name, fn_name, _ = TRAINING[name]
+    module = importlib.import_module(module_name)
+    cls = getattr(module, cls_name)
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, name))
+        return
+    path, overrides = split_args(argv)
+    cfg = load_config(cls, path, overrides)
+    getattr(module, fn_name)(cfg)
+
+
+def dispatch(argv: list[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    name, rest = argv[0], argv[1:]
+    if name in TRAINING:
+        run_training(name, rest)
+    elif name in TOOLS:
+        module_name, fn_name, _ = TOOLS[name]
+        getattr(importlib.import_module(module_name), fn_name)(rest)
+    else:
+        known = ", ".join([*TRAINING, *TOOLS])
+        raise UserError(f"unknown command {name!r}; commands: {known}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        dispatch(sys.argv[1:] if argv is None else argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

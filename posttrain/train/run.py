@@ -1,0 +1,56 @@
+"""What every training command does around its method: check the run directory, load the
+model and adapter, write the effective config, run the loop, write `final/`.
+
+Order matters for "nothing half-written by a failed start": config, data and model are all
+loaded and checked before anything is created in `output_dir`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from posttrain.config import TrainConfig, dump_yaml
+from posttrain.errors import UserError
+from posttrain.io import write_text_atomic
+from posttrain.modeling.adapters import apply_adapter, trainable_summary
+from posttrain.modeling.load import load_model
+from posttrain.train import dist
+from posttrain.train.loop import Job, Loop
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Refuse a non-empty folder that is not one of our runs (we would mix files into it)."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.yaml").is_file():
+        raise UserError(f"output_dir {out} is not empty and is not a posttrain run; choose another")
+
+
+def load_trainable_model(cfg: TrainConfig, tokenizer, device: torch.device) -> torch.nn.Module:
+    """Base model + adapter, on `device`, with the trainable share printed."""
+    model = load_model(cfg, tokenizer)
+    if not getattr(model, "is_loaded_in_4bit", False):
+        model.to(device)
+    model = apply_adapter(model, cfg, tokenizer)
+    if dist.is_main():
+        print(trainable_summary(model), file=sys.stderr)
+    return model
+
+
+def run_job(job: Job, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Write the config, train (resuming if a checkpoint exists), write `final/`."""
+    out = Path(cfg.output_dir)
+    loop = Loop(job, cfg, device)
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", dump_yaml(cfg))
+    dist.barrier()
+    metrics = loop.run()
+    loop.finish()
+    if dist.is_main():
+        print(f"done: {out / 'final'}", file=sys.stderr)
+    return metrics
