@@ -10,6 +10,7 @@ Simplified on purpose: no config inheritance, no interpolation, no environment l
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -43,10 +44,8 @@ ADAPTERS = (
 
 def opt(default: Any, doc: str) -> Any:
     """A config field with a default and a one-line doc (lists/dicts are copied per instance)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
-    if is_dataclass(default):
-        return field(default_factory=lambda: dataclasses.replace(default), metadata={"doc": doc})
+    if isinstance(default, (list, dict)) or is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
 
 
