@@ -1,0 +1,195 @@
+"""Load the tokenizer and the base causal LM named by `cfg.model` (a local folder or a hub id).
+
+`load_tokenizer` gives every tokenizer a pad token (the eos token when it has none; a new
+`<|pad|>` token only when it has neither) and adds `cfg.new_tokens` as regular added tokens.
+`load_model` picks the dtype and attention implementation, quantizes to 4-bit NF4 for
+`adapter=qlora`, grows the embeddings to the tokenizer, turns on activation checkpointing when
+`gradient_checkpointing` is set, and
+turns off the KV cache (training only needs one forward per step).
+
+Simplified on purpose:
+- chat templates are not touched here (`posttrain.data.chat` owns them);
+- new embedding rows (input and output) start at the mean of the existing rows, with no
+  noise, so a reload or a resumed run rebuilds exactly the same frozen rows;
+- the model is loaded on the CPU and the caller moves it; only QLoRA, whose weights are
+  quantized as they are placed, loads straight onto the current CUDA device when there is one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.utils import is_flash_attn_2_available
+
+from posttrain.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PAD_TOKEN = "<|pad|>"
+BNB_HELP = "adapter=qlora needs bitsandbytes: pip install bitsandbytes"
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` = bfloat16 on CUDA, float32 on CPU; otherwise the named dtype."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def resolve_attention(name: str, dtype: torch.dtype) -> str:
+    """`auto` = flash_attention_2 on CUDA in half precision when flash_attn is installed, else sdpa."""
+    if name != "auto":
+        return name
+    half = dtype in (torch.bfloat16, torch.float16)
+    if torch.cuda.is_available() and half and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def hub_kwargs(cfg: Any) -> dict[str, Any]:
+    """The arguments every `from_pretrained` call shares."""
+    kwargs: dict[str, Any] = {
+        "local_files_only": cfg.offline,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    return kwargs
+
+
+def cannot_load(name: str, exc: Exception) -> UserError:
+    """A one-line UserError for a model or tokenizer that could not be found or read."""
+    looks_local = name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+    if looks_local and not Path(name).expanduser().exists():
+        reason = "no such folder"
+    else:
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+    return UserError(f"model: cannot load {name!r} ({reason})")
+
+
+def model_error(cfg: Any, attention: str, exc: Exception) -> Exception:
+    """Name the key behind a failed model load; unknown import errors stay ours."""
+    text = str(exc)
+    if "bitsandbytes" in text:
+        return UserError(BNB_HELP)
+    if "attn_implementation" in text or "FlashAttention" in text:
+        reason = " ".join(text.split())[:200]
+        return UserError(f"attn_implementation: {attention!r} cannot be used here ({reason})")
+    if isinstance(exc, ImportError):
+        return exc
+    return cannot_load(cfg.model, exc)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(cfg: Any):
+    """The tokenizer of `cfg.model`, with a pad token and `cfg.new_tokens` added."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, **hub_kwargs(cfg))
+    except (OSError, ValueError) as exc:
+        raise cannot_load(cfg.model, exc) from None
+    ensure_pad_token(tokenizer)
+    add_new_tokens(tokenizer, cfg.new_tokens)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Pad with eos when there is no pad token (padding is always masked out of the loss)."""
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    else:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+
+
+def add_new_tokens(tokenizer, tokens: list) -> int:
+    """Add `tokens` as regular added tokens; returns how many were new to the vocabulary."""
+    for token in tokens:
+        if not isinstance(token, str) or not token:
+            raise UserError(f"new_tokens must be a list of non-empty strings, got {token!r}")
+    return tokenizer.add_tokens(list(tokens)) if tokens else 0
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_model(cfg: Any, tokenizer) -> torch.nn.Module:
+    """The base causal LM of `cfg.model`, ready for `apply_adapter` (see the module docstring)."""
+    dtype = resolve_dtype(cfg.dtype)
+    kwargs = hub_kwargs(cfg)
+    if cfg.offline:  # transformers 5.23 does not pass local_files_only on to its adapter lookup
+        kwargs["adapter_kwargs"] = {"local_files_only": True}
+    kwargs["dtype"] = dtype
+    kwargs["attn_implementation"] = resolve_attention(cfg.attn_implementation, dtype)
+    if cfg.adapter == "qlora":
+        kwargs["quantization_config"] = nf4_config(dtype)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise model_error(cfg, kwargs["attn_implementation"], exc) from None
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        resize_embeddings(model, len(tokenizer))
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    model.config.use_cache = False
+    return model
+
+
+def nf4_config(dtype: torch.dtype) -> BitsAndBytesConfig:
+    """4-bit NF4 with double quantization, computing in the model dtype (QLoRA's recipe)."""
+    check_bitsandbytes()
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def check_bitsandbytes() -> None:
+    """Raise a UserError saying how to install bitsandbytes when it is missing or cannot run here."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(BNB_HELP)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        import bitsandbytes.functional as bnbf
+
+        bnbf.quantize_4bit(torch.ones(64, device=device), quant_type="nf4")
+    except Exception as exc:  # a broken install fails in many ways (missing libs, CUDA mismatch)
+        reason = " ".join(str(exc).split())[:200]
+        raise UserError(f"{BNB_HELP}; it is installed but fails on {device}: {reason}") from None
+
+
+def resize_embeddings(model: torch.nn.Module, rows: int) -> None:
+    """Grow the input/output embeddings to `rows`; new rows are the mean of the old ones."""
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    layers = [inp] if out is None or out.weight is inp.weight else [inp, out]  # tied: one matrix
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.weight
+            weight[old:] = weight[:old].float().mean(0, keepdim=True).to(weight.dtype)
+            bias = getattr(layer, "bias", None)
+            if bias is not None and bias.shape[0] == rows:
+                bias[old:] = bias[:old].float().mean().to(bias.dtype)
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing; inputs require grad so frozen bases still backprop."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not getattr(model, "_require_grads_hooks", None):
+        model.enable_input_require_grads()
