@@ -4,8 +4,7 @@
 `<|pad|>` token only when it has neither) and adds `cfg.new_tokens` as regular added tokens.
 `load_model` picks the dtype and attention implementation, quantizes to 4-bit NF4 for
 `adapter=qlora`, grows the embeddings to the tokenizer, turns on activation checkpointing when
-`gradient_checkpointing` is set, and
-turns off the KV cache (training only needs one forward per step).
+`gradient_checkpointing` is set and turns off the KV cache (training needs no cache).
 
 Simplified on purpose:
 - chat templates are not touched here (`posttrain.data.chat` owns them);
