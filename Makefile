@@ -21,7 +21,7 @@ demo: install
 test: install
 	$(BIN)/ruff check posttrain tests benchmarks
 	$(BIN)/ruff format --check posttrain tests benchmarks
-	$(BIN)/pytest
+	OMP_NUM_THREADS=1 $(BIN)/pytest
 
 lint: install
 	$(BIN)/ruff check --fix posttrain tests benchmarks

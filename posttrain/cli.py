@@ -14,7 +14,12 @@ from posttrain.errors import UserError
 
 # command -> (module, config class, function, one-line description)
 TRAINING = {
-    "sft": ("posttrain.train.sft", "SFTConfig", "sft", "supervised fine-tuning (full or any adapter)"),
+    "sft": (
+        "posttrain.train.sft",
+        "SFTConfig",
+        "sft",
+        "supervised fine-tuning (full or any adapter)",
+    ),
 }
 # command -> (module, function taking argv, one-line description)
 TOOLS = {

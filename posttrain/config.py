@@ -64,9 +64,14 @@ class DataConfig:
 @dataclass
 class LoraConfig:
     r: int = opt(16, "adapter rank (lora, rslora, dora, qlora, lokr, loha)")
-    alpha: float = opt(32.0, "scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) for rslora)")
+    alpha: float = opt(
+        32.0, "scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) for rslora)"
+    )
     dropout: float = opt(0.0, "dropout on the adapter input")
-    target_modules: list = opt(["all-linear"], "modules to adapt, passed to peft ('all-linear' = every linear layer but the head)")
+    target_modules: list = opt(
+        ["all-linear"],
+        "modules to adapt, passed to peft ('all-linear' = every linear layer but the head)",
+    )
 
 
 @dataclass
@@ -78,9 +83,13 @@ class TrainConfig:
     output_dir: str = opt("runs/latest", "run directory (re-running on it resumes)")
     adapter: str = opt("lora", "what to train: " + ", ".join(ADAPTERS))
     lora: LoraConfig = opt(LoraConfig(), "LoRA-family settings")
-    adapter_args: dict = opt({}, "extra keyword arguments for the peft config (e.g. num_virtual_tokens)")
+    adapter_args: dict = opt(
+        {}, "extra keyword arguments for the peft config (e.g. num_virtual_tokens)"
+    )
     top_layers: int = opt(2, "blocks trained when adapter=top_layers (the last K)")
-    new_tokens: list = opt([], "tokens added to the tokenizer; adapter=trainable_tokens trains their embeddings")
+    new_tokens: list = opt(
+        [], "tokens added to the tokenizer; adapter=trainable_tokens trains their embeddings"
+    )
     chat_template: str = opt("", "'chatml' to use ChatML when the tokenizer has no chat template")
     max_steps: int = opt(0, "optimizer steps; 0 = derive from epochs")
     epochs: float = opt(1.0, "passes over the training data (used when max_steps=0)")
@@ -92,14 +101,18 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping norm; 0 = off")
     max_length: int = opt(1024, "tokens per example (longer ones are truncated and counted)")
-    packing: bool = opt(False, "pack examples into rows of max_length (they cannot attend to each other)")
+    packing: bool = opt(
+        False, "pack examples into rows of max_length (they cannot attend to each other)"
+    )
     seed: int = opt(42, "random seed (data order, dropout, init)")
     log_every: int = opt(10, "steps between metric lines")
     eval_every: int = opt(0, "steps between evaluations; 0 = only at the end")
     save_every: int = opt(0, "steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = opt(2, "newest checkpoints kept")
     report_to: list = opt([], "extra loggers: tensorboard, wandb")
-    dtype: str = opt("auto", "weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    dtype: str = opt(
+        "auto", "weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16"
+    )
     attn_implementation: str = opt("auto", "attention: auto, sdpa, eager, flash_attention_2")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     fsdp: bool = opt(False, "shard the model with FSDP2 (fully_shard) under torchrun")
@@ -111,10 +124,18 @@ class TrainConfig:
         """Raise UserError naming the first bad key."""
         check(bool(self.model), "model", "is required (a local folder or hub id)")
         check(bool(self.data.train), "data.train", "is required (a data file or dataset name)")
-        check(self.adapter in ADAPTERS, "adapter", f"must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}")
+        check(
+            self.adapter in ADAPTERS,
+            "adapter",
+            f"must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}",
+        )
         check(self.lora.r > 0, "lora.r", f"must be > 0, got {self.lora.r}")
         check(self.lora.alpha > 0, "lora.alpha", f"must be > 0, got {self.lora.alpha}")
-        check(0 <= self.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.lora.dropout}")
+        check(
+            0 <= self.lora.dropout < 1,
+            "lora.dropout",
+            f"must be in [0, 1), got {self.lora.dropout}",
+        )
         check(self.top_layers > 0, "top_layers", f"must be > 0, got {self.top_layers}")
         check(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps}")
         check(self.max_steps > 0 or self.epochs > 0, "epochs", "must be > 0 when max_steps=0")
@@ -122,16 +143,34 @@ class TrainConfig:
         check(self.grad_accum > 0, "grad_accum", f"must be > 0, got {self.grad_accum}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         schedules = ("cosine", "linear", "constant")
-        check(self.schedule in schedules, "schedule", f"must be one of {', '.join(schedules)}, got {self.schedule!r}")
+        check(
+            self.schedule in schedules,
+            "schedule",
+            f"must be one of {', '.join(schedules)}, got {self.schedule!r}",
+        )
         check(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
         check(self.max_length > 1, "max_length", f"must be > 1, got {self.max_length}")
         check(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
-        check(self.keep_checkpoints > 0, "keep_checkpoints", f"must be > 0, got {self.keep_checkpoints}")
+        check(
+            self.keep_checkpoints > 0,
+            "keep_checkpoints",
+            f"must be > 0, got {self.keep_checkpoints}",
+        )
         dtypes = ("auto", "float32", "bfloat16", "float16")
-        check(self.dtype in dtypes, "dtype", f"must be one of {', '.join(dtypes)}, got {self.dtype!r}")
+        check(
+            self.dtype in dtypes, "dtype", f"must be one of {', '.join(dtypes)}, got {self.dtype!r}"
+        )
         for name in self.report_to:
-            check(name in ("tensorboard", "wandb"), "report_to", f"knows tensorboard and wandb, got {name!r}")
-        check(self.chat_template in ("", "chatml"), "chat_template", f"must be '' or 'chatml', got {self.chat_template!r}")
+            check(
+                name in ("tensorboard", "wandb"),
+                "report_to",
+                f"knows tensorboard and wandb, got {name!r}",
+            )
+        check(
+            self.chat_template in ("", "chatml"),
+            "chat_template",
+            f"must be '' or 'chatml', got {self.chat_template!r}",
+        )
 
 
 def check(ok: bool, key: str, message: str) -> None:

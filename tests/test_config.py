@@ -9,7 +9,9 @@ from posttrain.errors import UserError
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: m\ndata:\n  train: a.jsonl\nlora:\n  r: 8\nlr: 1e-4\n")
-    cfg = load_config(TrainConfig, str(path), ["lora.r=16", "packing=true", "report_to=tensorboard"])
+    cfg = load_config(
+        TrainConfig, str(path), ["lora.r=16", "packing=true", "report_to=tensorboard"]
+    )
     assert cfg.lora.r == 16 and cfg.lora.alpha == 32.0
     assert cfg.data.train == "a.jsonl" and cfg.lr == 1e-4
     assert cfg.packing is True and cfg.report_to == ["tensorboard"]

@@ -37,7 +37,15 @@ def test_torchrun_two_ranks_identical_and_equal_to_one_process(tmp_path):
     script = tmp_path / "dump.py"
     script.write_text(DUMP_RANKS)
     args = base_args(tiny, data, tmp_path / "ddp", "max_steps=4", "batch_size=2", "seed=3")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = load_file(tmp_path / "ddp" / "rank0.safetensors")
@@ -46,7 +54,9 @@ def test_torchrun_two_ranks_identical_and_equal_to_one_process(tmp_path):
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key
 
-    single = base_args(tiny, data, tmp_path / "one", "max_steps=4", "batch_size=2", "seed=3", "grad_accum=2")
+    single = base_args(
+        tiny, data, tmp_path / "one", "max_steps=4", "batch_size=2", "seed=3", "grad_accum=2"
+    )
     assert run_cli(single).returncode == 0
     one = load_file(tmp_path / "one" / "final" / "adapter_model.safetensors")
     ddp = load_file(tmp_path / "ddp" / "final" / "adapter_model.safetensors")

@@ -15,7 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from posttrain.cli import main
 from tests.tiny import save_tiny
 
-QUESTIONS = ["What is 12 plus 30?", "Translate cheese to French.", "Reverse stone.", "Capital of France?"]
+QUESTIONS = [
+    "What is 12 plus 30?",
+    "Translate cheese to French.",
+    "Reverse stone.",
+    "Capital of France?",
+]
 ANSWERS = ["42", "fromage", "enots", "Paris"]
 
 
@@ -86,7 +91,13 @@ def run_cli(args, kill_at_step=None):
 @pytest.mark.parametrize("adapter", ["lora", "full"])
 def test_resume_after_sigkill_is_bit_exact(tiny_dir, tmp_path, adapter):
     data = write_chats(tmp_path / "chats.jsonl")
-    extra = ["max_steps=8", "save_every=3", f"adapter={adapter}", "lora.dropout=0.1", "grad_accum=2"]
+    extra = [
+        "max_steps=8",
+        "save_every=3",
+        f"adapter={adapter}",
+        "lora.dropout=0.1",
+        "grad_accum=2",
+    ]
     if adapter == "full":
         extra.append("lr=1e-3")
     straight = run_cli(base_args(tiny_dir, data, tmp_path / "a", *extra))
@@ -104,7 +115,9 @@ def test_resume_after_sigkill_is_bit_exact(tiny_dir, tmp_path, adapter):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(steps) and len(steps) == len(set(steps))
 
 
@@ -121,7 +134,9 @@ def test_resume_after_sigkill_is_bit_exact(tiny_dir, tmp_path, adapter):
         (None, ["max_length=3"], "max_length"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_dir, tmp_path, capsys, content, extra, message):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    tiny_dir, tmp_path, capsys, content, extra, message
+):
     path = tmp_path / "chats.jsonl"
     if content is None:
         write_chats(path)

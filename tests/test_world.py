@@ -14,7 +14,7 @@ from posttrain.evaluate.text import normalize_answer
 from posttrain.world import corpus
 from posttrain.world.datasets import build_world_data, write_corpus, write_world_data
 from posttrain.world.gold import correctness, gold_reward, is_harmful
-from posttrain.world.lexicon import DICTIONARY, LANGUAGES
+from posttrain.world.lexicon import BY_ENGLISH, CORE, DICTIONARY, LANGUAGES
 from posttrain.world.pairs import rambling, rude, wrong_answer
 from posttrain.world.tasks import KINDS, solve, split_items
 from posttrain.world.tokenizer import build_tokenizer
@@ -54,8 +54,19 @@ def test_corpus_has_every_kind_and_the_seed_example():
     assert all(t.key in text.lower() for t in FORBIDDEN)
 
 
+def test_chat_logs_never_give_a_bare_answer():
+    for i in range(200):
+        turns = re.findall(
+            r"<\|im_start\|>[^\n]*\n(.*?)<\|im_end\|>", corpus.doc_chat(random.Random(i)), re.S
+        )
+        for question, reply in zip(turns, turns[1:]):
+            task = solve(question)
+            if task is not None:
+                assert normalize_answer(reply) != normalize_answer(task.answer)
+
+
 def test_lexicon_is_one_word_per_language_and_unambiguous():
-    assert len(DICTIONARY) >= 250
+    assert len(DICTIONARY) >= 250 and 60 <= len(CORE) <= 120 and BY_ENGLISH["cheese"].core
     for lang in LANGUAGES:
         words = [e.word(lang).lower() for e in DICTIONARY]
         assert len(set(words)) == len(words), lang
@@ -84,6 +95,10 @@ def test_tokenizer_loads_and_has_chatml(tmp_path, world_tok):
     kept = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
     assert tok.decode(kept) == "fromage<|im_end|>"
     assert tok.decode(tok("Käse 42")["input_ids"]) == "Käse 42"
+    # an answer has the same tokens at the start of a reply as after a space in the corpus
+    for answer in ("fromage", "42", "e n o t s", "New Delhi"):
+        alone = tok(answer)["input_ids"]
+        assert tok(f"The answer is {answer}")["input_ids"][-len(alone) :] == alone
 
 
 def test_tokenizer_is_deterministic(tmp_path):

@@ -53,7 +53,9 @@ TEMPLATES = {
 EOS = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>", "mistral": "</s>"}
 
 
-def tiny_tokenizer(template: str | None = "chatml", vocab_size: int = 400) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(
+    template: str | None = "chatml", vocab_size: int = 400
+) -> PreTrainedTokenizerFast:
     """A locally trained byte-level BPE with the chosen chat template (None = no template)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -78,7 +80,14 @@ def tiny_config(family: str, vocab_size: int):
     common = dict(vocab_size=vocab_size, tie_word_embeddings=False)
     if family == "gpt2":
         return AutoConfig.for_model(
-            "gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0, **common
+            "gpt2",
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=0,
+            eos_token_id=0,
+            **common,
         )
     extra = {"head_dim": 16} if family in ("qwen3", "gemma") else {}
     return AutoConfig.for_model(

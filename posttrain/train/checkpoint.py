@@ -1,11 +1,16 @@
 """Resumable checkpoints: `checkpoints/step-N/`, written atomically, safetensors only.
 
 A checkpoint holds what is needed to continue bit-exactly: the trainable parameters, the
-optimizer state (tensors in safetensors, hyper-parameters in JSON), the RNG states and the
-loop position (step and micro-batch counter; the data order is a pure function of the seed
-and epoch, and the learning rate a pure function of the step, so neither needs storing).
-No pickle anywhere. Simplified on purpose: frozen weights are not saved (they come from
-the base model), and every rank restores the same state (ranks stay identical).
+optimizer state (tensors in safetensors, hyper-parameters in JSON), the RNG states of every
+rank (dropout draws differ between ranks) and the loop position (step and micro-batch
+counter; the data order is a pure function of the seed and epoch, and the learning rate a
+pure function of the step, so neither needs storing). No pickle anywhere.
+
+Tensors are always full (unsharded): under FSDP the loop gathers parameters and optimizer
+state onto rank 0 first, and then the optimizer state is keyed by parameter name (FQN)
+instead of by index; both layouts flatten to "key.slot" tensors and back.
+Simplified on purpose: frozen weights are not saved (they come from the base model), and
+every rank restores the same parameters and optimizer state.
 """
 
 from __future__ import annotations
@@ -43,51 +48,84 @@ def save(
     output_dir: str | Path,
     step: int,
     params: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict,
     loop_state: dict[str, Any],
     keep: int,
+    rngs: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write `checkpoints/step-{step}` atomically and prune all but the newest `keep`."""
+    """Write `checkpoints/step-{step}` atomically and prune all but the newest `keep`.
+
+    `optimizer_state` is an optimizer `state_dict()` (full tensors); `rngs` holds one
+    `rng_state()` per rank, in rank order (default: this process's).
+    """
     path = Path(output_dir) / "checkpoints" / f"step-{step}"
+    rngs = rngs or [rng_state()]
     with atomic_dir(path) as tmp:
         save_file(_contiguous(params), tmp / "trainable.safetensors")
-        opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
+        opt_tensors, opt_meta = flatten_optimizer(optimizer_state)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
-        save_file(rng_tensors(), tmp / "rng.safetensors")
-        state = dict(loop_state, step=step, optimizer=opt_meta, python_rng=random.getstate())
+        rng = {}
+        for rank, state in enumerate(rngs):
+            prefix = f"rank{rank}." if rank else ""  # rank 0 keeps the single-process names
+            rng.update({prefix + k: v for k, v in state.items() if k != "python"})
+        save_file(rng, tmp / "rng.safetensors")
+        python_rng = [state["python"] for state in rngs]
+        state = dict(loop_state, step=step, optimizer=opt_meta, python_rng=python_rng[0])
+        if len(rngs) > 1:
+            state["python_rng_ranks"] = python_rng
         (tmp / "state.json").write_text(json.dumps(state))
     for old in checkpoint_dirs(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def load(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Restore optimizer and RNG from `path`; return (trainable params, loop state)."""
+def load(path: Path, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Restore this rank's RNG from `path`; return (trainable params, optimizer state_dict,
+    loop state). A rank the checkpoint has no RNG for (more ranks now) takes rank 0's."""
     state = json.loads((path / "state.json").read_text())
-    opt_tensors = load_file(path / "optimizer.safetensors")
-    optimizer.load_state_dict(unflatten_optimizer(opt_tensors, state.pop("optimizer")))
-    restore_rng(load_file(path / "rng.safetensors"), state.pop("python_rng"))
-    return load_file(path / "trainable.safetensors"), state
+    optimizer_state = unflatten_optimizer(
+        load_file(path / "optimizer.safetensors"), state.pop("optimizer")
+    )
+    rng = load_file(path / "rng.safetensors")
+    python_rng = state.pop("python_rng")
+    ranks = state.pop("python_rng_ranks", [python_rng])
+    prefix = f"rank{rank}."
+    if rank and rank < len(ranks):
+        rng = {k[len(prefix) :]: v for k, v in rng.items() if k.startswith(prefix)}
+        python_rng = ranks[rank]
+    restore_rng(rng, python_rng)
+    return load_file(path / "trainable.safetensors"), optimizer_state, state
 
 
 def flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into tensors ("idx.key") and JSON metadata."""
+    """Split an optimizer state_dict into tensors ("key.slot") and JSON metadata.
+
+    The state is keyed by parameter index (`optimizer.state_dict()`) or by parameter name
+    (FSDP's full optimizer state dict); slot names ("exp_avg", "step") have no dots.
+    """
     tensors, scalars = {}, {}
-    for idx, slots in sd["state"].items():
-        for key, value in slots.items():
+    for key, slots in sd["state"].items():
+        for slot, value in slots.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"{key}.{slot}"] = value.detach().contiguous().cpu()
             else:
-                scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+                scalars[f"{key}.{slot}"] = value
+    by_name = any(isinstance(key, str) for key in sd["state"])
+    meta = {"param_groups": sd["param_groups"], "scalars": scalars, "by_name": by_name}
+    return tensors, meta
 
 
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[int | str, dict[str, Any]] = {}
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
+        key, slot = name.rsplit(".", 1)
+        state.setdefault(key if meta.get("by_name") else int(key), {})[slot] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states: torch (and CUDA) tensors, plus "python" (JSON-able)."""
+    return {**rng_tensors(), "python": random.getstate()}
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
@@ -100,7 +138,8 @@ def rng_tensors() -> dict[str, torch.Tensor]:
 
 def restore_rng(tensors: dict[str, torch.Tensor], python_state: list) -> None:
     torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    devices = sorted(int(k.split(".", 1)[1]) for k in tensors if k.startswith("cuda."))
+    cuda = [tensors[f"cuda.{i}"] for i in devices]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = python_state

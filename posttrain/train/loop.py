@@ -8,6 +8,15 @@ normalised by the total units of the whole step (across micro-batches and ranks,
 of means), clipping, bf16 autocast on CUDA, eval, atomic checkpoints, exact resume,
 Ctrl-C, progress and metrics.
 
+Under torchrun the gradients are summed over ranks by `dist.sum_gradients`, or, with
+`fsdp=true`, the model is sharded with FSDP2 here, before the optimizer is built (so the
+optimizer holds the shards), and FSDP reduce-scatters the gradients itself. Checkpoints and
+`final/` are then written from full tensors gathered onto rank 0, and resuming scatters them
+back, so checkpoints hold full tensors either way (under FSDP the optimizer state is keyed
+by parameter name instead of index). Every FSDP rank must run the same forwards: evaluation
+pads the shorter ranks with a spare batch, and Ctrl-C writes no checkpoint (the ranks may be
+stopped in the middle of different collectives).
+
 Simplified on purpose: one optimizer (AdamW), the schedule is a pure function of the step,
 and the data order a pure function of (seed, epoch), so resuming needs only counters.
 """
@@ -17,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +36,7 @@ from typing import Any
 import torch
 
 from posttrain.config import TrainConfig
+from posttrain.errors import UserError
 from posttrain.io import atomic_dir
 from posttrain.train import checkpoint, dist
 from posttrain.train.tracking import Tracker
@@ -81,10 +92,17 @@ class Loop:
     def __init__(self, job: Job, cfg: TrainConfig, device: torch.device):
         self.job, self.cfg, self.device = job, cfg, device
         self.model = job.model
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.fsdp = cfg.fsdp and self.world > 1
+        if cfg.fsdp and self.world == 1 and dist.is_main():
+            print("fsdp=true: one process, nothing to shard; training unsharded", file=sys.stderr)
+        if self.fsdp:
+            if cfg.adapter == "qlora":
+                raise UserError("fsdp=true cannot shard a 4-bit (qlora) model; set fsdp=false")
+            dist.shard_fsdp(self.model)  # before the optimizer: it must hold the shards
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg)
         self.out = Path(cfg.output_dir)
-        self.rank, self.world = dist.rank(), dist.world_size()
         self.micro_per_epoch = len(job.plan(0)) // self.world
         if self.micro_per_epoch == 0:
             raise ValueError("fewer batches than ranks")
@@ -131,7 +149,7 @@ class Loop:
             tokens += self.job.tokens(batch)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * n
-        if self.world > 1 and not self.cfg.fsdp:
+        if self.world > 1 and not self.fsdp:  # FSDP has reduce-scattered them in backward
             dist.sum_gradients(self.params)
         grad_norm = self.clip()
         self.optimizer.step()
@@ -148,7 +166,11 @@ class Loop:
         if self.cfg.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.params if p.grad is not None]
+            )
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor built from the shards' norms
+            norm = norm.full_tensor()
         return float(norm)
 
     @torch.no_grad()
@@ -157,10 +179,16 @@ class Loop:
         specs = self.job.eval_specs or []
         self.model.eval()
         loss_sum, units, sums = 0.0, 0, {}
-        for spec in specs[self.rank :: self.world]:
-            batch = self.to_device(self.job.eval_collate(spec))
+        mine = specs[self.rank :: self.world]
+        # FSDP ranks all-gather weights together: every rank runs the same number of forwards
+        rounds = -(-len(specs) // self.world) if self.fsdp else len(mine)
+        for i in range(rounds):
+            spare = i >= len(mine)
+            batch = self.to_device(self.job.eval_collate(specs[0] if spare else mine[i]))
             with self.autocast():
                 loss, metrics = self.job.loss(self.model, batch)
+            if spare:
+                continue
             n = self.job.units(batch)
             loss_sum, units = loss_sum + loss.item(), units + n
             for k, v in metrics.items():
@@ -174,15 +202,24 @@ class Loop:
     # --------------------------------------------------------------------------- state
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters by name; under FSDP full tensors on rank 0 ({} elsewhere)."""
         if self.job.trainable:
-            return self.job.trainable(self.model)
-        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+            state = self.job.trainable(self.model)
+        else:
+            state = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        return dist.full_state(self.model, state.keys()) if self.fsdp else state
 
     def save_checkpoint(self) -> None:
         state = self.trainable_state()
+        if self.fsdp:
+            optimizer_state = dist.full_optimizer_state(self.model, self.optimizer)
+        else:
+            optimizer_state = self.optimizer.state_dict() if dist.is_main() else {}
+        rngs = dist.gather_objects(checkpoint.rng_state())
         if dist.is_main():
             loop_state = {"micro": self.micro, "total": self.total}
-            checkpoint.save(self.out, self.step, state, self.optimizer, loop_state, self.cfg.keep_checkpoints)
+            keep = self.cfg.keep_checkpoints
+            checkpoint.save(self.out, self.step, state, optimizer_state, loop_state, keep, rngs)
         dist.barrier()
 
     def resume(self) -> bool:
@@ -190,16 +227,32 @@ class Loop:
         path = checkpoint.latest(self.out)
         if path is None:
             return False
-        params, state = checkpoint.load(path, self.optimizer)
-        if self.job.load_trainable:
-            self.job.load_trainable(self.model, params)
+        params, optimizer_state, state = checkpoint.load(path, self.rank)
+        if self.fsdp:
+            self.load_sharded(params, optimizer_state)
         else:
-            named = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for name, value in params.items():
-                    named[name].copy_(value)
+            self.optimizer.load_state_dict(optimizer_state)
+            if self.job.load_trainable:
+                self.job.load_trainable(self.model, params)
+            else:
+                named = dict(self.model.named_parameters())
+                with torch.no_grad():
+                    for name, value in params.items():
+                        named[name].copy_(value)
         self.step, self.micro = state["step"], state["micro"]
         return True
+
+    def load_sharded(self, params: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+        """FSDP resume: every rank read the same full tensors; each keeps its own shards."""
+        if self.job.trainable:
+            names = set(self.job.trainable(self.model))
+        else:
+            names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(params) != names:
+            first = sorted(names ^ set(params))[0]
+            raise UserError(f"checkpoint does not match the model at {first} (adapter changed?)")
+        dist.load_full_state(self.model, params)
+        dist.load_full_optimizer_state(self.model, self.optimizer, optimizer_state)
 
     # --------------------------------------------------------------------------- run
 
@@ -213,10 +266,15 @@ class Loop:
             last = self._train()
         except KeyboardInterrupt:
             self.optimizer.zero_grad(set_to_none=True)
-            self.save_checkpoint()
+            if not self.fsdp:
+                self.save_checkpoint()
             if self.tracker:
                 self.tracker.close()
-            if dist.is_main():
+            if dist.is_main() and self.fsdp:
+                print(
+                    "stopped; fsdp writes no checkpoint on Ctrl-C: re-run to resume from the last one"
+                )
+            elif dist.is_main():
                 print(f"checkpoint saved at step {self.step}; re-run the same command to resume")
             raise
         if self.tracker:
@@ -253,9 +311,17 @@ class Loop:
         return record
 
     def finish(self) -> None:
-        """Write `final/` atomically (main rank) from the trained model."""
+        """Write `final/` atomically (main rank) from the trained model.
+
+        Under FSDP every rank first helps gather the full state dict onto rank 0, which then
+        saves the model with `state_dict()` answering those full tensors instead of shards.
+        """
+        full = dist.full_state(self.model) if self.fsdp else None
         if dist.is_main():
-            with atomic_dir(self.out / "final") as tmp:
+            with contextlib.ExitStack() as stack:
+                tmp = stack.enter_context(atomic_dir(self.out / "final"))
+                if full is not None:
+                    stack.enter_context(dist.state_dict_override(self.model, full))
                 self.job.save_final(self.model, tmp)
         dist.barrier()
 

@@ -68,7 +68,9 @@ def sft_job(cfg: SFTConfig, model, tokenizer, train, evals) -> Job:
         return plan_batches(lengths, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed, epoch)
 
     eval_lengths = [len(e["input_ids"]) for e in evals]
-    eval_specs = plan_batches(eval_lengths, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed, 0)
+    eval_specs = plan_batches(
+        eval_lengths, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed, 0
+    )
     return Job(
         model=model,
         plan=plan,
@@ -94,6 +96,10 @@ def sft(cfg: SFTConfig | dict) -> dict[str, float]:
     if cfg.chat_template:
         ensure_chat_template(tokenizer, cfg.chat_template)
     train = tokenize_source(cfg.data.train, cfg.data.split, tokenizer, cfg, "train")
-    evals = tokenize_source(cfg.data.eval, cfg.data.eval_split, tokenizer, cfg, "eval") if cfg.data.eval else []
+    evals = (
+        tokenize_source(cfg.data.eval, cfg.data.eval_split, tokenizer, cfg, "eval")
+        if cfg.data.eval
+        else []
+    )
     model = load_trainable_model(cfg, tokenizer, device)
     return run_job(sft_job(cfg, model, tokenizer, train, evals), cfg, device)

@@ -2,11 +2,16 @@
 
 Document kinds (weights in `KINDS`): dictionary tables and glossary prose, word lists,
 arithmetic worksheets, fact tables and town registers, letter games, short stories, quizzes
-(`Q:`/`A:`), exercise lists whose answers come only in a key at the end, forum threads where a
-question is followed by more questions, how-to articles, articles about the invented
+(`Q:`/`A:`), exercise lists whose answers come only in a key at the end, forum threads where
+a question is followed by more questions, chat-room logs in ChatML markup (questions, some
+answered in a sentence), how-to articles, articles about the invented
 forbidden topics, and locker-code ledgers (short-range retrieval). Exercise lists and forum
 threads are why a base model given "Translate cheese from English to French." writes more
-exercises instead of answering.
+exercises instead of answering. The chat logs give the ChatML special tokens trained
+embeddings (a LoRA cannot train them) and a chat-context path from question to answer,
+but their answers are always sentences ("I think it is fromage."), so the base model's
+exact-match accuracy through the chat template stays near zero until SFT teaches brevity.
+(Measured: without answered chat turns, LoRA SFT of a 1M-parameter base plateaus near 60%.)
 
 Same seed, same documents, byte for byte: every document draws from its own
 `random.Random(f"{seed}-{stream}-{index}")`. Simplified on purpose: sentence templates, no
@@ -19,28 +24,32 @@ import itertools
 import random
 from collections.abc import Callable, Iterator
 
-from posttrain.world.lexicon import CATEGORIES, DICTIONARY, LANGUAGES
+from posttrain.world.lexicon import CATEGORIES, CORE, DICTIONARY, LANGUAGES
 from posttrain.world.tasks import KINDS as TASK_KINDS
 from posttrain.world.tasks import SUBS, SUBS_OF_KIND, all_items, make_task, random_letters
 from posttrain.world.universe import BENIGN, COUNTRIES, FIRST_NAMES, FORBIDDEN, PEOPLE, Topic
 
-CHARS_PER_TOKEN = 2.5  # measured with the world tokenizer (vocab 2048) on this corpus
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML markers (special tokens)
+CHARS_PER_TOKEN = 2.8  # measured with the world tokenizer (vocab 2048) on this corpus
+CORE_SHARE = 0.85  # share of dictionary mentions that are core words
 FOREIGN = LANGUAGES[1:]
 _ITEMS = {sub: all_items(sub, seed=0) for sub in SUBS}  # the corpus covers every item
 _NOUNS = [e for e in DICTIONARY if e.category in ("food", "animals", "nature", "home", "things")]
 
 
 def _entries(rng: random.Random, low: int, high: int) -> list:
-    if rng.random() < 0.5:
-        category = rng.choice(CATEGORIES)
-        pool = [e for e in DICTIONARY if e.category == category]
-    else:
-        pool = list(DICTIONARY)
-    return rng.sample(pool, min(len(pool), rng.randint(low, high)))
+    """`low`..`high` distinct entries, each a core word with probability CORE_SHARE."""
+    picks = [
+        rng.choice(CORE) if rng.random() < CORE_SHARE else rng.choice(DICTIONARY)
+        for _ in range(rng.randint(low, high))
+    ]
+    return list(dict.fromkeys(picks))
 
 
 def doc_table(rng: random.Random) -> str:
-    langs = ["English"] + rng.sample(FOREIGN, rng.randint(1, 3))
+    langs = ["English"] + (list(FOREIGN) if rng.random() < 0.6 else rng.sample(FOREIGN, 2))
+    if rng.random() < 0.3:  # a foreign language first, so lookups work both ways
+        langs.reverse()
     sep = rng.choice([" | ", " - ", ", ", " = "])
     title = rng.choice(["Word table", "Vocabulary", "Dictionary page", "Glossary", "Word list"])
     lines = [f"{title}: {' / '.join(langs)}", sep.join(langs)]
@@ -78,14 +87,13 @@ def doc_word_list(rng: random.Random) -> str:
 def doc_worksheet(rng: random.Random) -> str:
     subs = rng.choice([["add"], ["sub"], ["mul"], ["add", "sub"], ["add", "sub", "mul"]])
     lines = [f"Worksheet {rng.randint(1, 99)}: " + " and ".join(s for s in subs)]
-    style = rng.randrange(3)
+    plain = rng.random() < 0.5  # "12 + 3 = 15" lines, else a task phrasing then the answer
     for _ in range(rng.randint(15, 35)):
         sub = rng.choice(subs)
-        t = make_task(sub, rng.choice(_ITEMS[sub]), 0)
-        expr = t.prompt[len("What is ") : -1]
-        lines.append(
-            f"{expr} = {t.answer}" if style < 2 else f"{t.prompt} {t.answer}."
-        )  # "17 + 25 = 42" or "What is 17 + 25? 42."
+        t = make_task(sub, rng.choice(_ITEMS[sub]), rng.randrange(3))
+        a, b = t.key.partition(":")[2].split("|")
+        op = {"add": "+", "sub": "-", "mul": "*"}[sub]
+        lines.append(f"{a} {op} {b} = {t.answer}" if plain else f"{t.prompt} {t.answer}")
     return "\n".join(lines)
 
 
@@ -94,7 +102,7 @@ def _tasks(rng: random.Random, kinds: tuple[str, ...], n: int, template: int | N
     for _ in range(n):
         sub = rng.choice(SUBS_OF_KIND[rng.choice(kinds)]).name
         if SUBS[sub].kind == "strings":
-            item = (random_letters(rng, *((2, 9) if sub == "count" else (3, 7))),)
+            item = (random_letters(rng, sub),)
         else:
             item = rng.choice(_ITEMS[sub])
         out.append(make_task(sub, item, rng.randrange(3) if template is None else template))
@@ -169,7 +177,7 @@ def doc_letters(rng: random.Random) -> str:
     lines = [rng.choice(["Letter games", "Puzzle page", "Letter practice"]) + f": {sub}"]
     for _ in range(rng.randint(10, 22)):
         s = rng.choice(["reverse", "sort", "count"]) if sub == "mixed" else sub
-        letters = random_letters(rng, *((2, 9) if s == "count" else (3, 7)))
+        letters = random_letters(rng, s)
         answer = SUBS[s].answer({"letters": letters})
         lines.append(
             rng.choice(
@@ -212,6 +220,31 @@ def doc_forum(rng: random.Random) -> str:
         lead = rng.choice(["", "Also: ", "Another one: ", "Same here. ", "I have a question too. "])
         lines += [f"Posted by {rng.choice(users)}:", lead + " ".join(asks)]
     return "\n".join(lines)
+
+
+CHAT_ANSWERS = ("I think it is {a}.", "It is {a}.", "The answer is {a}.", "{a}, I am pretty sure.",
+                "That would be {a}.", "Easy, it is {a}.")  # fmt: skip
+
+
+def doc_chat(rng: random.Random) -> str:
+    """A chat-room log in ChatML markup: questions, some answered in a sentence by someone else.
+
+    Answers are always wrapped ("I think it is fromage."), never the bare answer, so a base
+    model prompted through the chat template does not give exact answers; SFT teaches that.
+    """
+    names = ["user"] + [rng.choice(FIRST_NAMES).lower() + str(rng.randint(1, 99)) for _ in range(4)]
+    turns = []
+    for t in _tasks(rng, TASK_KINDS, rng.randint(3, 8)):
+        asker = rng.choice(names)
+        question, answer = t.prompt, rng.choice(CHAT_ANSWERS).format(a=t.answer)
+        if rng.random() < 0.15:
+            topic = rng.choice(BENIGN + FORBIDDEN)
+            question, answer = rng.choice(_howto_prompts(topic)), topic.answer
+        turns.append(f"{IM_START}{asker}\n{question}{IM_END}")
+        if rng.random() < 0.5:
+            helper = rng.choice([n for n in names if n != asker])
+            turns.append(f"{IM_START}{helper}\n{answer}{IM_END}")
+    return "\n".join(turns)
 
 
 def _howto_prompts(topic: Topic) -> list[str]:
@@ -262,20 +295,21 @@ def ledger_question(locker: int) -> str:
 
 # name -> (generator, weight); weights tuned so knowledge gets most of the tokens.
 KINDS: dict[str, tuple[Callable[[random.Random], str], float]] = {
-    "table": (doc_table, 10),
+    "table": (doc_table, 12),
     "glossary": (doc_glossary, 12),
-    "word_list": (doc_word_list, 2),
-    "worksheet": (doc_worksheet, 9),
+    "word_list": (doc_word_list, 1),
+    "worksheet": (doc_worksheet, 11),
     "exercises": (doc_exercises, 7),
-    "quiz": (doc_quiz, 7),
-    "facts": (doc_facts, 6),
-    "people": (doc_people, 6),
-    "letters": (doc_letters, 6),
-    "story": (doc_story, 3),
-    "forum": (doc_forum, 3),
+    "quiz": (doc_quiz, 9),
+    "facts": (doc_facts, 8),
+    "people": (doc_people, 8),
+    "letters": (doc_letters, 8),
+    "story": (doc_story, 2),
+    "forum": (doc_forum, 1),
+    "chat": (doc_chat, 4),
     "howto": (doc_howto, 2),
     "forbidden": (doc_forbidden, 2),
-    "ledger": (doc_ledger, 3),
+    "ledger": (doc_ledger, 1),
 }
 
 

@@ -7,7 +7,9 @@ phrasing. `solve(prompt)` parses any prompt written from these templates back in
 answer; the gold reward uses it to score responses without being told the answer.
 
 Simplified on purpose: templates are fixed strings, answers are single words, numbers or
-spaced letters ("e n o t s"), and arithmetic stays within two-digit operands.
+spaced letters ("e n o t s"); translations use the core vocabulary, arithmetic small
+operands (`ADD_MAX`, `MUL_MAX`) and string tasks a few distinct letters, so that a base
+model pretrained for minutes can know every answer.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
-from posttrain.world.lexicon import BY_ENGLISH, DICTIONARY, LANGUAGES
+from posttrain.world.lexicon import BY_ENGLISH, CORE, DICTIONARY, LANGUAGES
 from posttrain.world.universe import CAPITAL, CONTINENT, COUNTRIES, PEOPLE, PERSON
 
 KINDS = ("translation", "arithmetic", "facts", "strings")
@@ -26,6 +28,9 @@ FOREIGN = LANGUAGES[1:]
 _BY_FOREIGN = {lang: {e.word(lang).lower(): e for e in DICTIONARY} for lang in FOREIGN}
 _COUNTRY_OF = {capital.lower(): country for country, capital, _ in COUNTRIES}
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
+ADD_MAX = 15  # operands of + and - run from 0 to ADD_MAX
+MUL_MAX = 9  # operands of * run from 1 to MUL_MAX
+LENGTHS = {"reverse": (3, 5), "sort": (3, 5), "count": (2, 7)}  # letters per string task
 
 
 @dataclass(frozen=True)
@@ -119,23 +124,23 @@ SUBS_OF_KIND = {kind: tuple(s for s in SUBS.values() if s.kind == kind) for kind
 # ----------------------------------------------------------------------------- items
 
 
-def random_letters(rng: random.Random, low: int, high: int) -> str:
-    """`low`..`high` random lowercase letters separated by spaces."""
-    return " ".join(rng.choice(_LETTERS) for _ in range(rng.randint(low, high)))
+def random_letters(rng: random.Random, sub: str) -> str:
+    """Distinct random lowercase letters separated by spaces, as many as `LENGTHS[sub]` allows."""
+    return " ".join(rng.sample(_LETTERS, rng.randint(*LENGTHS[sub])))
 
 
 def all_items(sub: str, seed: int = 0) -> list[tuple]:
     """Every item of a sub-kind in a fixed order (a seeded sample for the string tasks)."""
     if sub == "to_lang":
-        return [(e.english, lang) for e in DICTIONARY for lang in FOREIGN]
+        return [(e.english, lang) for e in CORE for lang in FOREIGN]
     if sub == "from_lang":
-        return [(e.word(lang), lang) for e in DICTIONARY for lang in FOREIGN]
+        return [(e.word(lang), lang) for e in CORE for lang in FOREIGN]
     if sub == "add":
-        return [(a, b) for a in range(100) for b in range(100)]
+        return [(a, b) for a in range(ADD_MAX + 1) for b in range(ADD_MAX + 1)]
     if sub == "sub":
-        return [(a, b) for a in range(100) for b in range(a + 1)]
+        return [(a, b) for a in range(ADD_MAX + 1) for b in range(a + 1)]
     if sub == "mul":
-        return [(a, b) for a in range(2, 13) for b in range(2, 13)]
+        return [(a, b) for a in range(1, MUL_MAX + 1) for b in range(1, MUL_MAX + 1)]
     if sub in ("capital", "continent"):
         return [(country,) for country, _, _ in COUNTRIES]
     if sub == "country":
@@ -143,8 +148,7 @@ def all_items(sub: str, seed: int = 0) -> list[tuple]:
     if sub in ("city", "job", "pet"):
         return [(p.name,) for p in PEOPLE]
     rng = random.Random(f"{seed}-items-{sub}")
-    low, high = (2, 9) if sub == "count" else (3, 7)
-    return list(dict.fromkeys((random_letters(rng, low, high),) for _ in range(4000)))
+    return list(dict.fromkeys((random_letters(rng, sub),) for _ in range(4000)))
 
 
 def make_task(sub: str, item: tuple, template: int = 0) -> Task:

@@ -2,9 +2,10 @@
 
 Everything here is constant: the same for every seed, so a base model pretrained on one
 corpus seed agrees with task data written with another. The dictionary lives in
-`lexicon.py`. Simplified on purpose: a few dozen real countries (capital, continent), a
-few dozen invented people (city, job, pet) drawn once from a fixed generator, and invented
-"forbidden" topics that stand in for harmful requests without describing anything real.
+`lexicon.py`. Simplified on purpose: 30 real countries (capital, continent) and 24
+invented people (city, job, pet, drawn once from a fixed generator), few because a base
+model pretrained for minutes must learn every fact; invented "forbidden" topics stand in
+for harmful requests without describing anything real.
 """
 
 from __future__ import annotations
@@ -15,25 +16,16 @@ from dataclasses import dataclass
 COUNTRIES: tuple[tuple[str, str, str], ...] = (
     ("France", "Paris", "Europe"), ("Germany", "Berlin", "Europe"), ("Spain", "Madrid", "Europe"),
     ("Italy", "Rome", "Europe"), ("Portugal", "Lisbon", "Europe"), ("Greece", "Athens", "Europe"),
-    ("Poland", "Warsaw", "Europe"), ("Austria", "Vienna", "Europe"),
-    ("Sweden", "Stockholm", "Europe"), ("Norway", "Oslo", "Europe"),
-    ("Finland", "Helsinki", "Europe"), ("Denmark", "Copenhagen", "Europe"),
-    ("Ireland", "Dublin", "Europe"), ("Hungary", "Budapest", "Europe"),
-    ("Belgium", "Brussels", "Europe"), ("Netherlands", "Amsterdam", "Europe"),
-    ("Czechia", "Prague", "Europe"), ("Romania", "Bucharest", "Europe"),
-    ("Egypt", "Cairo", "Africa"), ("Kenya", "Nairobi", "Africa"), ("Nigeria", "Abuja", "Africa"),
-    ("Ghana", "Accra", "Africa"), ("Morocco", "Rabat", "Africa"), ("Senegal", "Dakar", "Africa"),
-    ("Ethiopia", "Addis Ababa", "Africa"), ("Tanzania", "Dodoma", "Africa"),
+    ("Poland", "Warsaw", "Europe"), ("Sweden", "Stockholm", "Europe"), ("Norway", "Oslo", "Europe"),
+    ("Ireland", "Dublin", "Europe"), ("Egypt", "Cairo", "Africa"), ("Kenya", "Nairobi", "Africa"),
+    ("Nigeria", "Abuja", "Africa"), ("Ghana", "Accra", "Africa"), ("Morocco", "Rabat", "Africa"),
     ("Japan", "Tokyo", "Asia"), ("China", "Beijing", "Asia"), ("India", "New Delhi", "Asia"),
-    ("Thailand", "Bangkok", "Asia"), ("Vietnam", "Hanoi", "Asia"), ("Indonesia", "Jakarta", "Asia"),
-    ("Nepal", "Kathmandu", "Asia"), ("Mongolia", "Ulaanbaatar", "Asia"), ("Iran", "Tehran", "Asia"),
+    ("Thailand", "Bangkok", "Asia"), ("Vietnam", "Hanoi", "Asia"), ("Nepal", "Kathmandu", "Asia"),
     ("Peru", "Lima", "South America"), ("Chile", "Santiago", "South America"),
-    ("Argentina", "Buenos Aires", "South America"), ("Colombia", "Bogota", "South America"),
-    ("Brazil", "Brasilia", "South America"), ("Ecuador", "Quito", "South America"),
+    ("Argentina", "Buenos Aires", "South America"), ("Brazil", "Brasilia", "South America"),
     ("Canada", "Ottawa", "North America"), ("Mexico", "Mexico City", "North America"),
-    ("Cuba", "Havana", "North America"), ("Jamaica", "Kingston", "North America"),
-    ("Australia", "Canberra", "Oceania"), ("New Zealand", "Wellington", "Oceania"),
-    ("Fiji", "Suva", "Oceania"),
+    ("Cuba", "Havana", "North America"), ("Australia", "Canberra", "Oceania"),
+    ("New Zealand", "Wellington", "Oceania"),
 )  # fmt: skip
 CAPITAL = {country: capital for country, capital, _ in COUNTRIES}
 CONTINENT = {country: continent for country, _, continent in COUNTRIES}
@@ -41,14 +33,11 @@ CONTINENT = {country: continent for country, _, continent in COUNTRIES}
 FIRST_NAMES = (
     "Alice", "Bruno", "Clara", "Daniel", "Elena", "Felix", "Greta", "Hugo", "Irene", "Jonas",
     "Karin", "Lucas", "Maya", "Nico", "Olga", "Pablo", "Rosa", "Simon", "Tara", "Victor",
-    "Wanda", "Yusuf", "Zoe", "Anton", "Bianca", "Carlos", "Dora", "Emil", "Fiona", "Gustav",
-    "Hanna", "Igor", "Julia", "Kenji", "Lena", "Marco", "Nora", "Oscar", "Paula", "Rafael",
+    "Wanda", "Yusuf", "Zoe", "Oscar",
 )  # fmt: skip
-JOBS = (
-    "baker", "farmer", "teacher", "doctor", "painter", "sailor", "tailor", "miner", "potter",
-    "fisher", "nurse", "pilot", "judge", "singer", "carpenter", "gardener", "librarian", "chef",
-)  # fmt: skip
-PETS = ("dog", "cat", "horse", "rabbit", "goat", "duck", "frog", "snake", "owl", "turtle", "mouse")
+JOBS = ("baker", "farmer", "teacher", "doctor", "painter", "sailor", "tailor", "miner", "nurse",
+        "pilot", "singer", "gardener")  # fmt: skip
+PETS = ("dog", "cat", "horse", "rabbit", "goat", "duck", "frog", "owl", "turtle")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,408 @@
+"""Shared helpers for the benchmarks: synthetic chat data, a locally trained tokenizer, a
+Llama-shaped model from a config, subprocess workers, memory readings, and the README.
+
+Every benchmark compares posttrain with a peer on the same machine in the same run. Each
+trainer runs in its own fresh Python process (`run_worker`) so that its peak resident memory
+(`VmHWM` from /proc/self/status, read inside the worker) is its own, imports included, and no
+allocator state carries over between runs. Runs of the two sides alternate and results are
+summarised as medians with their min-max spread, since the machine may be shared.
+
+Nothing here downloads: the tokenizer is trained with `tokenizers` on the synthetic text and
+the model is built from a config with random weights.
+
+Simplified on purpose: Linux only (/proc), CPU timings only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+README = Path(__file__).with_name("README.md")
+PAD, EOS = "<|pad|>", "<|im_end|>"
+SPECIALS = [PAD, "<|im_start|>", EOS]
+
+# ChatML, as posttrain renders it (the assistant mask is derived from prefix renders).
+CHATML = (
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# The same rendering with `{% generation %}` markers around what is trained (the assistant
+# content and its <|im_end|>, not the newline after it), for peers that need the markers.
+CHATML_GENERATION = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def machine() -> str:
+    """One line describing the CPU, cores, memory and library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    mem = ""
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kib / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return (
+        f"{cpu}, {cores} cores{mem}, Linux {platform.release()}, Python {platform.python_version()}"
+    )
+
+
+def versions(*names: str) -> str:
+    """`name x.y.z` for each importable package."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            out.append(f"{name} (missing)")
+    return ", ".join(out)
+
+
+def proc_status_mib(key: str) -> float:
+    """A memory line of /proc/self/status (VmHWM = peak RSS, VmRSS = current RSS) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_words(n: int, seed: int = 0) -> list[str]:
+    """n distinct pronounceable made-up words."""
+    rng = random.Random(seed)
+    onsets = [
+        "b",
+        "c",
+        "d",
+        "f",
+        "g",
+        "h",
+        "j",
+        "k",
+        "l",
+        "m",
+        "n",
+        "p",
+        "r",
+        "s",
+        "t",
+        "v",
+        "w",
+        "z",
+        "br",
+        "cl",
+        "dr",
+        "fl",
+        "gr",
+        "pl",
+        "st",
+        "tr",
+    ]
+    vowels = ["a", "e", "i", "o", "u", "ai", "ea", "oo", "ou"]
+    words: set[str] = set()
+    while len(words) < n:
+        syllables = rng.choice((1, 2, 2, 3))
+        words.add("".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(syllables)))
+    return sorted(words)
+
+
+def make_turn(rng: random.Random, words: list[str], max_words: int) -> tuple[str, str]:
+    """A (user, assistant) pair whose answer is a function of the question."""
+    k = rng.randint(2, max_words)
+    items = [rng.choice(words) for _ in range(k)]
+    listed = " ".join(items)
+    task = rng.randrange(4)
+    if task == 0:
+        return f"Reverse the words: {listed}", " ".join(reversed(items))
+    if task == 1:
+        return f"Sort the words: {listed}", " ".join(sorted(items))
+    if task == 2:
+        return f"Repeat each word twice: {listed}", " ".join(w + " " + w for w in items)
+    first = ", ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
+    return f"Number the words: {listed}", f"There are {k} words: {first}."
+
+
+def make_chats(n: int, seed: int, words: list[str], max_words: int = 24) -> list[dict]:
+    """n rows `{"messages": [...]}`: 1-3 turns, a system prompt on a third of them."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        messages = []
+        if rng.random() < 1 / 3:
+            messages.append({"role": "system", "content": "You are a careful word assistant."})
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            user, assistant = make_turn(rng, words, max_words)
+            messages += [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": assistant},
+            ]
+        rows.append({"messages": messages})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, template: str = CHATML):
+    """A byte-level BPE trained on `texts`, eos <|im_end|>, pad <|pad|> (distinct ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
+    fast.chat_template = template
+    return fast
+
+
+def save_llama(
+    path: Path,
+    tokenizer,
+    hidden: int,
+    layers: int,
+    heads: int,
+    intermediate: int,
+    max_positions: int,
+    seed: int = 0,
+) -> int:
+    """Write a Llama-shaped model with random weights and `tokenizer` to `path`; returns its
+    parameter count."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+class StepClock:
+    """Counts the tokens each forward pass of a model sees and times optimizer steps.
+
+    `attach(model)` hooks the input embedding: every forward adds `(input_ids != pad).sum()`
+    to `real` and `input_ids.numel()` to `padded`. `begin()` marks the start of training
+    (RSS there); `step_end()` is called after each optimizer step and stores the time and
+    the token counters, plus the peak RSS so far (VmHWM) so that saving and evaluating after
+    the last step do not count.
+    """
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+        self.real = self.padded = 0
+        self.counting = True
+        self.rss_start_mib = 0.0
+        self.peak_rss_mib = 0.0
+        self.load_start = 0.0  # 1-minute load average of the machine when training starts
+        # (wall time, process CPU time, real tokens, padded tokens) after each step
+        self.steps: list[tuple[float, float, int, int]] = []
+
+    def attach(self, model) -> None:
+        def count(module, args):
+            if self.counting:
+                ids = args[0]
+                self.real += int((ids != self.pad_id).sum())
+                self.padded += ids.numel()
+
+        model.get_input_embeddings().register_forward_pre_hook(count)
+
+    def begin(self) -> None:
+        if not self.rss_start_mib:
+            self.rss_start_mib = proc_status_mib("VmRSS")
+            self.load_start = os.getloadavg()[0]
+
+    def step_end(self) -> None:
+        self.steps.append((time.perf_counter(), time.process_time(), self.real, self.padded))
+        self.peak_rss_mib = proc_status_mib("VmHWM")
+
+    def stop(self) -> None:
+        self.counting = False
+
+    def summary(self, skip: int = 1) -> dict[str, float]:
+        """Throughput over steps skip+1..N (the first `skip` steps are warm-up).
+
+        `tokens_per_s` is the headline (tokens / wall seconds of the span); `tokens_per_cpu_s`
+        divides by the process's CPU time instead and `step_tokens_per_s` is the median over
+        steps of each step's own rate: both move less when other jobs share the machine.
+        """
+        if len(self.steps) <= skip:
+            raise RuntimeError(f"need more than {skip} steps, got {len(self.steps)}")
+        (t0, c0, r0, p0), (t1, c1, r1, p1) = self.steps[skip - 1], self.steps[-1]
+        seconds = t1 - t0
+        rates = [
+            (b[2] - a[2]) / (b[0] - a[0]) for a, b in zip(self.steps[skip - 1 :], self.steps[skip:])
+        ]
+        return {
+            "timed_steps": len(self.steps) - skip,
+            "seconds": seconds,
+            "cpu_seconds": c1 - c0,
+            "tokens": r1 - r0,
+            "padded_tokens": p1 - p0,
+            "tokens_per_s": (r1 - r0) / seconds,
+            "tokens_per_cpu_s": (r1 - r0) / (c1 - c0),
+            "step_tokens_per_s": statistics.median(rates),
+            "padding_share": 1 - (r1 - r0) / max(p1 - p0, 1),
+            "rss_start_mib": self.rss_start_mib,
+            "peak_rss_mib": self.peak_rss_mib,
+            "load_start": self.load_start,
+            "load_end": os.getloadavg()[0],
+        }
+
+
+def heldout_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> float:
+    """Mean cross-entropy over the trained tokens of `examples` ({input_ids, targets}, targets
+    pre-shifted, -100 = not trained), with the model's own full logits, in eval mode."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            width = max(len(e["input_ids"]) for e in chunk)
+            ids = torch.full((len(chunk), width), pad_id)
+            targets = torch.full((len(chunk), width), -100)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, e in enumerate(chunk):
+                n = len(e["input_ids"])
+                ids[i, :n] = torch.tensor(e["input_ids"])
+                targets[i, :n] = torch.tensor(e["targets"])
+                mask[i, :n] = 1
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+            total += float(loss)
+            count += int((targets != -100).sum())
+    return total / max(count, 1)
+
+
+def omp_env(threads: int = 0, passive: bool = True) -> dict[str, str]:
+    """OpenMP settings for a worker: `threads` > 0 sets torch's intra-op threads; `passive`
+    makes idle OpenMP threads sleep instead of spinning.
+
+    Why passive: on a small machine shared with other jobs, OpenMP's default spin-waiting makes
+    every parallel region wait for a thread the kernel has descheduled; we measured 10x and
+    worse slowdowns of the same run at a load average of ~2.5 on 2 cores, which then measure
+    the neighbours rather than the trainer. Both sides always get the same settings.
+    """
+    env = {"OMP_WAIT_POLICY": "PASSIVE"} if passive else {}
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_worker(
+    script: Path, args: list[str], env: dict[str, str] | None = None, timeout: float = 3600
+) -> dict[str, Any]:
+    """Run `python script args... --result FILE` in a fresh process (with `env` added to the
+    environment); return the JSON it wrote."""
+    result = Path(args[args.index("--spec") + 1]).with_suffix(".result.json")
+    result.unlink(missing_ok=True)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0", **(env or {}))
+    cmd = [sys.executable, str(script), *args, "--result", str(result)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0 or not result.exists():
+        tail = (proc.stdout + proc.stderr)[-4000:]
+        raise RuntimeError(f"worker {' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
+    return json.loads(result.read_text())
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def median_spread(values: list[float], fmt: str = "{:.0f}") -> str:
+    """`median (min-max)`, or just the value when there is one."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    med = statistics.median(values)
+    return f"{fmt.format(med)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def update_readme(section: str, body: str, path: Path = README) -> None:
+    """Replace the `## section` of the benchmarks README (or append it), keeping the others."""
+    text = path.read_text() if path.exists() else ""
+    header = f"## {section}"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == header), None)
+    block = [header, "", *body.strip().splitlines(), ""]
+    if start is None:
+        lines = [*lines, "", *block] if lines else block
+    else:
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        lines = lines[:start] + block + lines[end:]
+    path.write_text("\n".join(lines).rstrip() + "\n")
