@@ -4,3 +4,18 @@ The Python API mirrors the CLI: `posttrain.sft(cfg)` takes the command's datacla
 """
 
 __version__ = "0.1.0"
+
+
+def sft(cfg):
+    """Supervised fine-tuning; `cfg` is an `SFTConfig` or a dict (see `posttrain sft --help`)."""
+    from posttrain.train.sft import sft as run
+
+    return run(cfg)
+
+
+def evaluate(model: str, **kwargs):
+    """Evaluate a model folder or run on the tiny world; keys as in `posttrain eval --help`."""
+    from posttrain.config import build_config
+    from posttrain.evaluate.cli import EvalConfig, run_eval
+
+    return run_eval(build_config(EvalConfig, {"model": model, **kwargs}))

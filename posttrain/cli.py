@@ -24,6 +24,13 @@ TRAINING = {
 # command -> (module, function taking argv, one-line description)
 TOOLS = {
     "plot": ("posttrain.plot", "main", "plot a run's loss/lr/throughput curves to a PNG"),
+    "eval": ("posttrain.evaluate.cli", "main", "evaluate a model or run on the tiny world's tests"),
+    "world": (
+        "posttrain.world.cli",
+        "main",
+        "write the tiny world's datasets or pretrain its base",
+    ),
+    "demo": ("posttrain.demo", "main", "the whole story on the tiny world, with a report"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Data: load rows, detect formats, render chat templates with assistant masks, tokenize, batch."""

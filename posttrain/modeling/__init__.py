@@ -1,0 +1,1 @@
+"""Models: load tokenizers and causal LMs, apply adapters, save, load for inference."""

@@ -283,6 +283,8 @@ def trainable_summary(model: nn.Module) -> str:
 
 # ----------------------------------------------------------------------------- saving
 
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>")
+
 
 def save_model(model: nn.Module, tokenizer, path: str | Path) -> None:
     """Write an adapter folder (peft) or a full model folder, with the tokenizer beside it."""
@@ -291,9 +293,24 @@ def save_model(model: nn.Module, tokenizer, path: str | Path) -> None:
     if isinstance(model, PeftModel):
         model.save_pretrained(path, save_embedding_layers=embeddings_resized(model))
     else:
+        add_stop_tokens(model, tokenizer)
         with cache_enabled(model):
             model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def add_stop_tokens(model: nn.Module, tokenizer) -> None:
+    """Make `generate` stop at the tokenizer's eos and end-of-turn tokens (e.g. `<|im_end|>`)."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return
+    have = gen.eos_token_id
+    ids = [] if have is None else [have] if isinstance(have, int) else list(have)
+    vocab = tokenizer.get_vocab()
+    extra = [tokenizer.eos_token_id] + [vocab.get(t) for t in END_OF_TURN]
+    ids += [i for i in extra if i is not None and i not in ids]
+    if ids:
+        gen.eos_token_id = ids[0] if len(ids) == 1 else ids
 
 
 @contextlib.contextmanager

@@ -60,6 +60,11 @@ def tokenize_source(source: str, split: str, tokenizer, cfg: SFTConfig, label: s
     return examples
 
 
+def attention_of(model) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) or ""
+
+
 def sft_job(cfg: SFTConfig, model, tokenizer, train, evals) -> Job:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     lengths = [len(e["input_ids"]) for e in train]
@@ -67,6 +72,8 @@ def sft_job(cfg: SFTConfig, model, tokenizer, train, evals) -> Job:
     def plan(epoch: int):
         return plan_batches(lengths, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed, epoch)
 
+    # flash-attention keeps packed examples apart only in one padding-free row (batching.py)
+    flat = cfg.packing and attention_of(model) == "flash_attention_2"
     eval_lengths = [len(e["input_ids"]) for e in evals]
     eval_specs = plan_batches(
         eval_lengths, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed, 0
@@ -74,13 +81,13 @@ def sft_job(cfg: SFTConfig, model, tokenizer, train, evals) -> Job:
     return Job(
         model=model,
         plan=plan,
-        collate=partial(collate, train, pad_id=pad),
+        collate=partial(collate, train, pad_id=pad, flat=flat),
         loss=sft_loss,
         units=count_targets,
         tokens=count_tokens,
         save_final=lambda m, path: save_model(m, tokenizer, path),
         eval_specs=eval_specs if evals else None,
-        eval_collate=partial(collate, evals, pad_id=pad),
+        eval_collate=partial(collate, evals, pad_id=pad, flat=flat),
         trainable=trainable_state,
         load_trainable=load_trainable_state,
     )

@@ -1,0 +1,226 @@
+"""`posttrain demo [--quick] [output_dir=DIR]`: the whole story on the tiny world.
+
+Loads the shipped base model, writes the world's datasets, then runs each stage in
+`STAGES` in order: a stage trains (or not) and names the model it produced; the demo
+evaluates every model on the same test split, shows its completions of the same prompts,
+and writes the report folder:
+
+    DIR/report.md       results table and example completions, stage by stage
+    DIR/results.json    every number of the report: {stage: {metric: value}}
+    DIR/plots/*.png     training curves of each trained stage
+    DIR/runs/<stage>/   the run directories (adapters, metrics.jsonl, config.yaml)
+    DIR/data/           the world's datasets
+
+A new stage is one `Stage(name, title, train)` line plus its `train` function, which
+takes the demo context and returns the model folder or run directory it produced.
+`--quick` trains and evaluates less (2-3 minutes); the tests run it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from posttrain.config import help_text, load_config, opt
+from posttrain.errors import UserError
+from posttrain.io import write_json, write_text_atomic
+
+PROMPTS = (
+    "Translate cheese from English to French.",
+    "What is 7 + 5?",
+    "What is the capital of Norway?",
+    "Reverse the letters: d o g",
+    "What does Alice do for a living?",
+)
+
+
+@dataclass
+class DemoConfig:
+    """`posttrain demo`: where the report goes and how long to train."""
+
+    output_dir: str = opt("posttrain-demo", "report folder (re-running replaces its contents)")
+    quick: bool = opt(False, "a 2-3 minute version: fewer SFT steps and test rows")
+    base: str = opt("", "base model folder; empty = the shipped tiny-world base")
+    seed: int = opt(0, "world data seed")
+
+
+@dataclass
+class Context:
+    """What stages share: the config, folders, and the models produced so far."""
+
+    cfg: DemoConfig
+    out: Path
+    data: Path
+    base: str
+    models: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def quick(self) -> bool:
+        return self.cfg.quick
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str
+    train: Callable[[Context], str]  # returns a model folder or run directory
+
+
+def train_base(ctx: Context) -> str:
+    return ctx.base
+
+
+def train_sft(ctx: Context) -> str:
+    from posttrain.train.sft import sft
+
+    run = ctx.out / "runs" / "sft"
+    sft(
+        {
+            "model": ctx.base,
+            "data": {"train": str(ctx.data / "sft_train.jsonl")},
+            "output_dir": str(run),
+            "adapter": "lora",
+            "lora": {"r": 16, "alpha": 32},
+            "packing": True,
+            "max_length": 512,
+            "batch_size": 4,
+            "epochs": 2 if ctx.quick else 8,
+            "lr": 2e-3,
+            "warmup": 0.05,
+            "log_every": 10,
+            "offline": True,
+        }
+    )
+    return str(run)
+
+
+STAGES = (
+    Stage("base", "Base model (pretrained only)", train_base),
+    Stage("sft", "SFT with LoRA", train_sft),
+)
+
+
+def evaluate_stage(ctx: Context, model_path: str) -> tuple[dict, dict]:
+    """(metrics, completions) of one model on the test split and the demo prompts."""
+    from posttrain.evaluate.generate import generate
+    from posttrain.evaluate.suite import evaluate_world
+    from posttrain.modeling.inference import load_for_inference
+
+    model, tok = load_for_inference(model_path)
+    limit = 60 if ctx.quick else None
+    metrics = evaluate_world(model, tok, ctx.data, ("accuracy", "perplexity"), limit=limit)
+    completions = {
+        "chat": dict(zip(PROMPTS, generate(model, tok, list(PROMPTS), max_new_tokens=24))),
+        "raw": dict(zip(PROMPTS, generate(model, tok, list(PROMPTS), 40, chat=False))),
+    }
+    return metrics, completions
+
+
+def base_model(cfg: DemoConfig) -> str:
+    from posttrain.world.pretrain import BASE_DIR
+
+    base = Path(cfg.base) if cfg.base else BASE_DIR
+    if not (base / "config.json").is_file():
+        raise UserError(
+            f"{base}: no base model; build it with `posttrain world pretrain output_dir={base}`"
+        )
+    return str(base)
+
+
+def run_demo(cfg: DemoConfig | dict) -> dict:
+    """Run every stage, evaluate it, and write the report folder; returns results.json's dict."""
+    from posttrain.config import build_config
+    from posttrain.world.datasets import write_world_data
+
+    cfg = build_config(DemoConfig, cfg)
+    out = Path(cfg.output_dir)
+    ctx = Context(cfg, out, out / "data", base_model(cfg))
+    write_world_data(ctx.data, seed=cfg.seed, overwrite=True)
+    clear_runs(out)
+    results, completions, seconds = {}, {}, {}
+    for stage in STAGES:
+        say(f"== {stage.title}")
+        start = time.time()
+        ctx.models[stage.name] = stage.train(ctx)
+        results[stage.name], completions[stage.name] = evaluate_stage(ctx, ctx.models[stage.name])
+        seconds[stage.name] = round(time.time() - start, 1)
+        say(f"   accuracy {results[stage.name]['accuracy']:.3f} ({seconds[stage.name]} s)")
+    plots = write_plots(ctx)
+    write_json(out / "results.json", results)
+    write_text_atomic(out / "report.md", report(ctx, results, completions, seconds, plots))
+    say(f"report: {out / 'report.md'}")
+    return results
+
+
+def clear_runs(out: Path) -> None:
+    """Stage runs start fresh on every demo run (a run directory would otherwise resume)."""
+    import shutil
+
+    shutil.rmtree(out / "runs", ignore_errors=True)
+
+
+def write_plots(ctx: Context) -> dict[str, Path]:
+    from posttrain.plot import plot_run
+
+    plots = {}
+    for name, path in ctx.models.items():
+        if (Path(path) / "metrics.jsonl").is_file():
+            plots[name] = plot_run(path, ctx.out / "plots" / f"{name}.png")
+    return plots
+
+
+def report(ctx, results: dict, completions: dict, seconds: dict, plots: dict) -> str:
+    """The Markdown report: results table, per-task accuracy, completions, plots."""
+    from posttrain.world.tasks import KINDS
+
+    stages = [s for s in STAGES if s.name in results]
+    lines = ["# posttrain demo: the tiny world", ""]
+    lines += [f"Base model: `{ctx.base}`. Quick mode: {ctx.quick}.", "", "## Results", ""]
+    header = ["stage", "accuracy", *KINDS, "perplexity", "seconds"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in stages:
+        r = results[s.name]
+        by_task = [f"{r['accuracy_by_task'].get(k, 0.0):.2f}" for k in KINDS]
+        row = [
+            s.name,
+            f"{r['accuracy']:.3f}",
+            *by_task,
+            f"{r['perplexity']:.2f}",
+            str(seconds[s.name]),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Completions (greedy, through the chat template)", ""]
+    for prompt in PROMPTS:
+        lines.append(f"**{prompt}**")
+        lines += [f"- {s.name}: `{one_line(completions[s.name]['chat'][prompt])}`" for s in stages]
+        lines.append("")
+    lines += ["## Base model continuing the raw text (no chat template)", ""]
+    for prompt in PROMPTS[:2]:
+        lines += [f"**{prompt}** -> `{one_line(completions['base']['raw'][prompt])}`", ""]
+    lines += ["## Training curves", ""]
+    lines += [f"![{name}](plots/{path.name})" for name, path in plots.items()]
+    return "\n".join(lines) + "\n"
+
+
+def one_line(text: str) -> str:
+    return text.replace("\n", " \\n ").replace("`", "'")
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        print(help_text(DemoConfig, "demo [--quick]"))
+        return
+    args = ["quick=true" if a == "--quick" else a for a in argv]
+    bad = [a for a in args if "=" not in a]
+    if bad:
+        raise UserError(
+            f"unexpected argument {bad[0]!r}; usage: posttrain demo [--quick] [key=value]"
+        )
+    run_demo(load_config(DemoConfig, None, args))

@@ -1,0 +1,61 @@
+"""Load a model for inference (eval, demo, serving) from whatever a user points at.
+
+`load_for_inference(path)` accepts a run directory (its `final/`), a full model folder, a
+PEFT adapter folder (its base comes from `adapter_config.json`, the adapter is merged), or a
+hub id. It returns `(model, tokenizer)` in eval mode with the KV cache on. Anything else is
+one clear `UserError` naming the path.
+
+Simplified on purpose: one device (CPU unless CUDA is there), fp32 on CPU and bf16 on CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from posttrain.errors import UserError
+from posttrain.modeling.load import ensure_pad_token
+
+
+def resolve_model_path(path: str) -> str:
+    """A run directory becomes its `final/`; local folders must hold a model or an adapter."""
+    p = Path(path)
+    if not p.exists():
+        if p.is_absolute() or path.startswith(".") or path.count("/") != 1:
+            raise UserError(f"{path}: no such model folder, run directory or hub id")
+        return path  # a hub id: owner/name
+    if (p / "config.yaml").is_file() and not (p / "final").is_dir():
+        raise UserError(f"{path}: run has no final/ model yet (still training or interrupted)")
+    if (p / "final").is_dir():
+        p = p / "final"
+    if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
+        raise UserError(f"{path}: not a model folder or a posttrain run (no config.json)")
+    return str(p)
+
+
+def load_for_inference(path: str, trust_remote_code: bool = False):
+    """(model, tokenizer) ready for generation; adapters are merged into their base."""
+    where = resolve_model_path(path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    adapter = Path(where, "adapter_config.json")
+    base = (
+        json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else where
+    )
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+        if adapter.is_file():
+            if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+                model.resize_token_embeddings(len(tokenizer))
+            model = PeftModel.from_pretrained(model, where).merge_and_unload()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot load the model: {str(exc).splitlines()[0]}") from None
+    ensure_pad_token(tokenizer)
+    model.config.use_cache = True
+    return model.to(device).eval(), tokenizer

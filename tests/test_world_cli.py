@@ -1,0 +1,79 @@
+"""`posttrain world data|pretrain`, `posttrain eval` and `posttrain demo --quick` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import posttrain
+from posttrain.cli import main
+from posttrain.world.pretrain import BASE_DIR
+
+
+def test_world_data_writes_splits_and_refuses_a_non_empty_folder(tmp_path, capsys):
+    out = tmp_path / "data"
+    assert main(["world", "data", str(out)]) == 0
+    assert (out / "sft_train.jsonl").is_file() and (out / "sft_test.jsonl").is_file()
+    before = (out / "sft_test.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(["world", "data", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "overwrite=true" in err and len(err.splitlines()) == 1
+    assert main(["world", "data", str(out), "overwrite=true"]) == 0
+    assert (out / "sft_test.jsonl").read_bytes() == before  # same seed, same bytes
+
+
+def test_eval_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(tmp_path) in err and len(err.splitlines()) == 1
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+
+
+def test_eval_prints_a_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    args = ["eval", str(BASE_DIR), "tasks=accuracy,perplexity", "limit=8", f"output={out}"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy_by_task/translation" in printed and "perplexity" in printed
+    results = json.loads(out.read_text())
+    assert 0.0 <= results["accuracy"] <= 1.0 and results["perplexity"] > 1.0
+
+
+def test_pretrain_builds_a_loadable_base_model(tmp_path):
+    out = tmp_path / "base"
+    args = ["world", "pretrain", f"output_dir={out}", "tokens=20000", "hidden=32", "layers=1"]
+    args += ["heads=1", "context=128", "batch_size=4"]
+    assert main(args) == 0
+    report = json.loads((out / "pretrain.json").read_text())
+    assert report["params"] > 0 and report["tokens_seen"] >= 20000 * 0.5
+    assert report["final_eval_loss"] is not None
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.max_position_embeddings == 128 and tok.chat_template
+    assert main(args) == 2  # exists, no overwrite
+
+
+def test_python_api_exports_sft_and_evaluate():
+    assert callable(posttrain.sft) and callable(posttrain.evaluate)
+
+
+@pytest.mark.slow
+def test_quick_demo_sft_beats_the_base_model(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", f"output_dir={out}"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) >= {"base", "sft"}
+    assert results["sft"]["accuracy"] > results["base"]["accuracy"] + 0.2
+    assert set(results["sft"]["accuracy_by_task"]) == {
+        "translation",
+        "arithmetic",
+        "facts",
+        "strings",
+    }
+    report = (out / "report.md").read_text()
+    assert "Translate cheese from English to French." in report
+    assert (out / "plots" / "sft.png").stat().st_size > 0
