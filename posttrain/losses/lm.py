@@ -20,6 +20,8 @@ Family logit transforms are part of the head (`output_head`): Gemma-2/3 style
 `final_logit_softcapping`, Cohere `logit_scale`, Granite/MiniCPM3 `logits_scaling`. Once
 per model, `final_hidden` checks the head on the last position against the logits the model
 itself returned, so a family doing something else fails loudly instead of training wrong.
+A right-padded batch is run without its attention mask (`right_padded`): same real-token
+outputs under causal attention, and the fast unmasked attention path.
 
 Simplified on purpose: targets must already be valid token ids (the caller drops ignored
 positions); prompt/prefix tuning cannot be used with packed rows (position_ids only);
@@ -94,7 +96,21 @@ def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, 
                 "packing: prompt and prefix tuning cannot keep packed examples apart; set packing=false"
             )
         del inputs["position_ids"]  # peft drops them (with a warning) for prompt tuning anyway
+    elif "position_ids" not in inputs and right_padded(inputs.get("attention_mask")):
+        del inputs["attention_mask"]
     return inputs
+
+
+def right_padded(mask: torch.Tensor | None) -> bool:
+    """True when every row is real tokens then padding (ones, then zeros).
+
+    Such a mask can be dropped: under causal attention no real token sees the padding after
+    it, so the real positions come out the same, and attention takes its fast unmasked path
+    (`is_causal`) instead of building a (B, 1, T, T) mask. Pad positions have no targets.
+    """
+    if mask is None:
+        return False
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 class OutputHead(nn.Module):

@@ -295,19 +295,19 @@ def ledger_question(locker: int) -> str:
 
 # name -> (generator, weight); weights tuned so knowledge gets most of the tokens.
 KINDS: dict[str, tuple[Callable[[random.Random], str], float]] = {
-    "table": (doc_table, 12),
-    "glossary": (doc_glossary, 12),
+    "table": (doc_table, 11),
+    "glossary": (doc_glossary, 11),
     "word_list": (doc_word_list, 1),
-    "worksheet": (doc_worksheet, 11),
+    "worksheet": (doc_worksheet, 14),
     "exercises": (doc_exercises, 7),
     "quiz": (doc_quiz, 9),
     "facts": (doc_facts, 8),
     "people": (doc_people, 8),
-    "letters": (doc_letters, 8),
-    "story": (doc_story, 2),
+    "letters": (doc_letters, 9),
+    "story": (doc_story, 1),
     "forum": (doc_forum, 1),
     "chat": (doc_chat, 4),
-    "howto": (doc_howto, 2),
+    "howto": (doc_howto, 1),
     "forbidden": (doc_forbidden, 2),
     "ledger": (doc_ledger, 1),
 }

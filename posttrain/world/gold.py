@@ -39,7 +39,7 @@ from posttrain.world.universe import (
 )
 
 _NUMBER = re.compile(r"-?\d+")
-_LETTER_RUN = re.compile(r"\b[a-z](?: [a-z])+\b")
+_LETTER_RUN = re.compile(r"\b[a-z](?:, [a-z])+\b")  # "t, a, c"
 _WORD = re.compile(r"[\w']+")
 
 

@@ -16,7 +16,7 @@ import random
 
 from posttrain.world.gold import gold_reward
 from posttrain.world.lexicon import BY_ENGLISH, DICTIONARY
-from posttrain.world.tasks import FOREIGN, Task
+from posttrain.world.tasks import FOREIGN, Task, join_letters, letters_of
 from posttrain.world.universe import (
     COUNTRIES,
     JOBS,
@@ -38,13 +38,13 @@ def wrong_answer(task: Task, rng: random.Random) -> str:
         value = int(task.answer)
         return str(value + rng.choice([-10, -2, -1, 1, 2, 10] if value > 10 else [1, 2]))
     if task.sub in ("reverse", "sort"):
-        letters = task.answer.split()
+        letters = letters_of(task.answer)
         if task.sub == "reverse" and fields[0] != task.answer:
             return fields[0]  # the letters left as they were
         i = rng.randrange(len(letters) - 1)
         letters[i], letters[i + 1] = letters[i + 1], letters[i]
-        wrong = " ".join(letters)
-        return wrong if wrong != task.answer else " ".join(reversed(letters)) + " " + letters[0]
+        wrong = join_letters(letters)
+        return wrong if wrong != task.answer else join_letters([*reversed(letters), letters[0]])
     return rng.choice([c for c in _alternatives(task, fields) if c.lower() != task.answer.lower()])
 
 

@@ -42,7 +42,7 @@ class PretrainConfig:
     )
     overwrite: bool = opt(False, "replace output_dir if it exists")
     seed: int = opt(0, "corpus, tokenizer and init seed")
-    tokens: int = opt(3_000_000, "pretraining tokens (one pass over a corpus this size)")
+    tokens: int = opt(5_500_000, "pretraining tokens (one pass over a corpus this size)")
     hidden: int = opt(128, "hidden size")
     layers: int = opt(4, "transformer blocks")
     heads: int = opt(2, "attention heads (head dim = hidden / heads)")

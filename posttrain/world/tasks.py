@@ -7,7 +7,7 @@ phrasing. `solve(prompt)` parses any prompt written from these templates back in
 answer; the gold reward uses it to score responses without being told the answer.
 
 Simplified on purpose: templates are fixed strings, answers are single words, numbers or
-spaced letters ("e n o t s"); translations use the core vocabulary, arithmetic small
+comma-separated letters ("t, a, c"); translations use the core vocabulary, arithmetic small
 operands (`ADD_MAX`, `MUL_MAX`) and string tasks a few distinct letters, so that a base
 model pretrained for minutes can know every answer.
 """
@@ -28,9 +28,9 @@ FOREIGN = LANGUAGES[1:]
 _BY_FOREIGN = {lang: {e.word(lang).lower(): e for e in DICTIONARY} for lang in FOREIGN}
 _COUNTRY_OF = {capital.lower(): country for country, capital, _ in COUNTRIES}
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
-ADD_MAX = 15  # operands of + and - run from 0 to ADD_MAX
-MUL_MAX = 9  # operands of * run from 1 to MUL_MAX
-LENGTHS = {"reverse": (3, 5), "sort": (3, 5), "count": (2, 7)}  # letters per string task
+ADD_MAX = 9  # operands of + and - run from 0 to ADD_MAX
+MUL_MAX = 5  # operands of * run from 1 to MUL_MAX
+LENGTHS = {"reverse": (2, 4), "sort": (2, 4), "count": (2, 6)}  # letters per string task
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,18 @@ def _foreign_to_english(f: dict) -> str:
     return _BY_FOREIGN[f["lang"]][f["word"].lower()].english
 
 
+def letters_of(text: str) -> list[str]:
+    """The letters of a string-task field or answer: "c, a, t" -> ["c", "a", "t"]."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def join_letters(letters) -> str:
+    """Comma-separated, so each letter is the same token wherever it stands (no trailing space)."""
+    return ", ".join(letters)
+
+
 def _count(f: dict) -> str:
-    return str(len(f["letters"].split()))
+    return str(len(letters_of(f["letters"])))
 
 
 SUBS: dict[str, Sub] = {
@@ -107,11 +117,11 @@ SUBS: dict[str, Sub] = {
         Sub("reverse", "strings", ("letters",),
             ("Reverse the letters: {letters}", "Write these letters in reverse order: {letters}",
              "Reverse this sequence: {letters}"),
-            lambda f: " ".join(reversed(f["letters"].split()))),
+            lambda f: join_letters(reversed(letters_of(f["letters"])))),
         Sub("sort", "strings", ("letters",),
             ("Sort the letters: {letters}", "Put these letters in alphabetical order: {letters}",
              "Sort these letters from a to z: {letters}"),
-            lambda f: " ".join(sorted(f["letters"].split()))),
+            lambda f: join_letters(sorted(letters_of(f["letters"])))),
         Sub("count", "strings", ("letters",),
             ("Count the letters: {letters}", "How many letters are in this list: {letters}",
              "Tell me how many letters there are: {letters}"),
@@ -125,8 +135,8 @@ SUBS_OF_KIND = {kind: tuple(s for s in SUBS.values() if s.kind == kind) for kind
 
 
 def random_letters(rng: random.Random, sub: str) -> str:
-    """Distinct random lowercase letters separated by spaces, as many as `LENGTHS[sub]` allows."""
-    return " ".join(rng.sample(_LETTERS, rng.randint(*LENGTHS[sub])))
+    """Distinct random lowercase letters, comma-separated, as many as `LENGTHS[sub]` allows."""
+    return join_letters(rng.sample(_LETTERS, rng.randint(*LENGTHS[sub])))
 
 
 def all_items(sub: str, seed: int = 0) -> list[tuple]:
