@@ -13,7 +13,7 @@ def sft(cfg):
     return run(cfg)
 
 
-def evaluate(model: str, **kwargs):
+def evaluate_model(model: str, **kwargs):
     """Evaluate a model folder or run on the tiny world; keys as in `posttrain eval --help`."""
     from posttrain.config import build_config
     from posttrain.evaluate.cli import EvalConfig, run_eval

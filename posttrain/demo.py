@@ -32,7 +32,7 @@ PROMPTS = (
     "Translate cheese from English to French.",
     "What is 7 + 5?",
     "What is the capital of Norway?",
-    "Reverse the letters: d o g",
+    "Reverse the letters: d, o, g",
     "What does Alice do for a living?",
 )
 

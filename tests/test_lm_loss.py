@@ -17,6 +17,7 @@ from posttrain.losses.lm import (
     linear_cross_entropy,
     lm_loss,
     output_head,
+    right_padded,
     token_logprobs,
 )
 from tests.tiny import FAMILIES, tiny_model
@@ -86,7 +87,8 @@ def test_final_hidden_through_the_head_gives_the_model_logits(family):
     hidden = final_hidden(model, batch)
     assert hidden.shape == (3, 11, 64)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    torch.testing.assert_close(output_head(model)(hidden), logits, rtol=0, atol=1e-5)
+    real = batch["attention_mask"].bool()  # pad positions are unconstrained (no mask is passed)
+    torch.testing.assert_close(output_head(model)(hidden)[real], logits[real], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -106,7 +108,10 @@ def test_prompt_learning_adapters(family, kind):
     batch = make_batch()
     hidden = final_hidden(model, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    torch.testing.assert_close(output_head(model)(hidden), logits[:, -11:], rtol=0, atol=1e-5)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(
+        output_head(model)(hidden)[real], logits[:, -11:][real], rtol=0, atol=1e-5
+    )
     assert_same_loss_and_grads(model, batch)
 
 
@@ -331,3 +336,10 @@ def test_no_tensor_holds_more_than_a_chunk_of_logits(adapter):
     with plain:
         reference_loss(model, batch).backward()
     assert plain.rows >= n  # the instrument does see full logits when they exist
+
+
+def test_right_padded_masks_are_recognised():
+    assert right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert not right_padded(torch.tensor([[0, 1, 1]]))  # left padding keeps its mask
+    assert not right_padded(torch.tensor([[1, 0, 1]]))
+    assert not right_padded(None)

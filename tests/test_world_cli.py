@@ -57,8 +57,11 @@ def test_pretrain_builds_a_loadable_base_model(tmp_path):
     assert main(args) == 2  # exists, no overwrite
 
 
-def test_python_api_exports_sft_and_evaluate():
-    assert callable(posttrain.sft) and callable(posttrain.evaluate)
+def test_python_api_mirrors_the_cli(tmp_path):
+    out = tmp_path / "api.json"
+    results = posttrain.evaluate_model(str(BASE_DIR), tasks=["accuracy"], limit=4, output=str(out))
+    assert json.loads(out.read_text()) == results and "accuracy_by_task" in results
+    assert posttrain.sft.__doc__ and "SFTConfig" in posttrain.sft.__doc__
 
 
 @pytest.mark.slow

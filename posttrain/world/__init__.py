@@ -8,6 +8,8 @@ post-training stage on a laptop CPU.
 - `gold.py`: `gold_reward(prompt, response, answer=None)`, the hidden ground truth.
 - `pairs.py`: response variants and gold-labelled preference pairs.
 - `datasets.py`: `write_world_data(out_dir, seed)`, `write_corpus(out_dir, seed)`.
+- `pretrain.py`: `posttrain world pretrain`, which built the shipped base model in `base/`.
+- `cli.py`: `posttrain world data|pretrain`.
 
 Submodules are imported directly (`from posttrain.world.gold import gold_reward`).
 """
