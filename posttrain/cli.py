@@ -7,6 +7,7 @@ failure (traceback), 130 interrupted (a checkpoint was saved; re-run to resume).
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 from posttrain.config import help_text, load_config
@@ -83,7 +84,13 @@ def dispatch(argv: list[str]) -> None:
         raise UserError(f"unknown command {name!r}; commands: {known}")
 
 
+def quiet_noisy_loggers() -> None:
+    """bitsandbytes warns on every import on AVX512-BF16 CPUs that an optional hub kernel is missing."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_noisy_loggers()
     try:
         dispatch(sys.argv[1:] if argv is None else argv)
     except UserError as exc:
