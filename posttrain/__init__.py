@@ -13,6 +13,13 @@ def sft(cfg):
     return run(cfg)
 
 
+def reward(cfg):
+    """Train a reward model; `cfg` is a `RewardConfig` or a dict (see `posttrain reward --help`)."""
+    from posttrain.train.reward import reward as run
+
+    return run(cfg)
+
+
 def evaluate_model(model: str, **kwargs):
     """Evaluate a model folder or run on the tiny world; keys as in `posttrain eval --help`."""
     from posttrain.config import build_config

@@ -21,6 +21,12 @@ TRAINING = {
         "sft",
         "supervised fine-tuning (full or any adapter)",
     ),
+    "reward": (
+        "posttrain.train.reward",
+        "RewardConfig",
+        "reward",
+        "train a reward model (pairs or ranked lists); `reward score` uses one",
+    ),
 }
 # command -> (module, function taking argv, one-line description)
 TOOLS = {
@@ -74,7 +80,9 @@ def dispatch(argv: list[str]) -> None:
         print(usage())
         return
     name, rest = argv[0], argv[1:]
-    if name in TRAINING:
+    if name == "reward" and rest[:1] == ["score"]:
+        importlib.import_module("posttrain.train.reward").score_main(rest[1:])
+    elif name in TRAINING:
         run_training(name, rest)
     elif name in TOOLS:
         module_name, fn_name, _ = TOOLS[name]

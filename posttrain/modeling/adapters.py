@@ -60,8 +60,11 @@ NO_PEFT = ("full", "top_layers", "bitfit")
 DEFAULT_VIRTUAL_TOKENS = 16
 
 
-def apply_adapter(model: nn.Module, cfg: Any, tokenizer) -> nn.Module:
-    """Make only what `cfg.adapter` trains require grad; peft adapters return a PeftModel."""
+def apply_adapter(model: nn.Module, cfg: Any, tokenizer, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """Make only what `cfg.adapter` trains require grad; peft adapters return a PeftModel.
+
+    `task_type="SEQ_CLS"` (reward models) makes peft train and save the score head too.
+    """
     kind = cfg.adapter
     if kind not in ADAPTERS:
         raise UserError(f"adapter must be one of {', '.join(ADAPTERS)}, got {kind!r}")
@@ -80,6 +83,7 @@ def apply_adapter(model: nn.Module, cfg: Any, tokenizer) -> nn.Module:
             raise UserError("adapter=qlora needs a base loaded in 4-bit (use load_model)")
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = peft_config(model, cfg, tokenizer)
+    config.task_type = task_type
     try:
         return get_peft_model(model, config)
     except (TypeError, ValueError) as exc:  # unsupported layer types, targets matching nothing

@@ -119,8 +119,12 @@ def add_new_tokens(tokenizer, tokens: list) -> int:
 # ----------------------------------------------------------------------------- model
 
 
-def load_model(cfg: Any, tokenizer) -> torch.nn.Module:
-    """The base causal LM of `cfg.model`, ready for `apply_adapter` (see the module docstring)."""
+def load_model(cfg: Any, tokenizer, auto_class=AutoModelForCausalLM) -> torch.nn.Module:
+    """The base model of `cfg.model`, ready for `apply_adapter` (see the module docstring).
+
+    `auto_class` is `AutoModelForCausalLM`, or `AutoModelForSequenceClassification` for reward
+    models (then with one label and the tokenizer's pad id, which locates each row's last token).
+    """
     dtype = resolve_dtype(cfg.dtype)
     kwargs = hub_kwargs(cfg)
     if cfg.offline:  # transformers 5.23 does not pass local_files_only on to its adapter lookup
@@ -132,7 +136,9 @@ def load_model(cfg: Any, tokenizer) -> torch.nn.Module:
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+        if auto_class is not AutoModelForCausalLM:
+            kwargs.update(num_labels=1, pad_token_id=tokenizer.pad_token_id)
+        model = auto_class.from_pretrained(cfg.model, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise model_error(cfg, kwargs["attn_implementation"], exc) from None
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:

@@ -1,0 +1,233 @@
+"""Reward models: `posttrain reward` trains one, `posttrain reward score` uses one.
+
+The model is the base LM loaded as `AutoModelForSequenceClassification` with one label: a
+linear `score` head on the hidden state of each sequence's last non-pad token, so the result
+loads with plain transformers (or as a peft adapter that saves the head with it).
+
+Loss per row (`posttrain.losses.preference`): Bradley-Terry `-log sigmoid(r_w - r_l - margin)`
+for pairs (margin from the row's optional `margin` field), Plackett-Luce for ranked lists (the
+same thing at K=2), plus `center_coef * (r_w + r_l)^2` when set (keeps rewards near zero).
+Metrics: pairwise accuracy (the best response scores highest) and the mean margin r_1 - r_2.
+
+Simplified on purpose: no packing (each response is its own right-padded row), and the
+reward is read at the last non-pad token (so a tokenizer whose pad is its eos scores the
+token before a final eos).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from posttrain.config import TrainConfig, build_config, opt
+from posttrain.data.batching import plan_batches
+from posttrain.data.chat import ensure_chat_template
+from posttrain.data.load import load_rows
+from posttrain.data.preference import encode_responses, tokenize_ranked
+from posttrain.errors import UserError
+from posttrain.losses.preference import bradley_terry, center_penalty, plackett_luce
+from posttrain.modeling.adapters import (
+    apply_adapter,
+    load_trainable_state,
+    save_model,
+    trainable_state,
+    trainable_summary,
+)
+from posttrain.modeling.load import load_model, load_tokenizer
+from posttrain.train import dist
+from posttrain.train.loop import Job, seed_everything
+from posttrain.train.run import check_output_dir, run_job
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """`posttrain reward`: the shared training keys plus the reward-centering coefficient."""
+
+    center_coef: float = opt(0.0, "weight of the reward-centering term (r_w + r_l)^2; 0 = off")
+
+
+def collate_ranked(examples: list[dict], spec: list[list[int]], pad_id: int) -> dict:
+    """(B*K, T) right-padded rows, response-major within each example, plus margins (B,)."""
+    rows = [examples[i] for group in spec for i in group]
+    seqs = [r["input_ids"] for row in rows for r in row["responses"]]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for n, seq in enumerate(seqs):
+        ids[n, : len(seq)] = torch.tensor(seq)
+        mask[n, : len(seq)] = 1
+    k = len(rows[0]["responses"])
+    margins = torch.tensor([row["margin"] for row in rows], dtype=torch.float32)
+    return {"input_ids": ids, "attention_mask": mask, "margin": margins, "k": torch.tensor(k)}
+
+
+def rewards_of(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """(B, K) rewards, best response first."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.logits.float().squeeze(-1).view(-1, int(batch["k"]))
+
+
+def reward_loss(model: torch.nn.Module, batch: dict, center_coef: float = 0.0):
+    rewards = rewards_of(model, batch)
+    if rewards.shape[1] == 2:
+        per_row = bradley_terry(rewards[:, 0], rewards[:, 1], batch["margin"])
+    else:
+        per_row = plackett_luce(rewards)
+    if center_coef:
+        per_row = per_row + center_penalty(rewards[:, 0], rewards[:, 1], center_coef)
+    best_wins = (rewards[:, 0] > rewards[:, 1:].max(dim=1).values).float()
+    metrics = {
+        "accuracy": float(best_wins.mean().detach()),
+        "margin": float((rewards[:, 0] - rewards[:, 1]).mean().detach()),
+    }
+    return per_row.sum(), metrics
+
+
+def count_rows(batch: dict) -> int:
+    return int(batch["input_ids"].shape[0] // int(batch["k"]))
+
+
+def count_tokens(batch: dict) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+def load_examples(source: str, split: str, tokenizer, cfg: RewardConfig, label: str):
+    examples, stats = tokenize_ranked(load_rows(source, split=split), tokenizer, cfg.max_length)
+    if dist.is_main():
+        print(
+            f"{label}: {stats['examples']} rows of {stats['rows']}; dropped: "
+            f"{stats['dropped_equal']} with equal responses, {stats['dropped_no_target']} with "
+            f"nothing left after max_length={cfg.max_length}; truncated responses: "
+            f"{stats['truncated']}",
+            file=sys.stderr,
+        )
+    return examples
+
+
+def reward_job(cfg: RewardConfig, model, tokenizer, train: list, evals: list) -> Job:
+    pad = tokenizer.pad_token_id
+
+    def lengths(examples):
+        return [max(len(r["input_ids"]) for r in e["responses"]) for e in examples]
+
+    def plan(epoch: int):
+        return plan_batches(lengths(train), cfg.batch_size, cfg.max_length, False, cfg.seed, epoch)
+
+    eval_specs = plan_batches(lengths(evals), cfg.batch_size, cfg.max_length, False, cfg.seed, 0)
+    return Job(
+        model=model,
+        plan=plan,
+        collate=partial(collate_ranked, train, pad_id=pad),
+        loss=partial(reward_loss, center_coef=cfg.center_coef),
+        units=count_rows,
+        tokens=count_tokens,
+        save_final=lambda m, path: save_model(m, tokenizer, path),
+        eval_specs=eval_specs if evals else None,
+        eval_collate=partial(collate_ranked, evals, pad_id=pad),
+        trainable=trainable_state,
+        load_trainable=load_trainable_state,
+    )
+
+
+def load_reward_model(cfg: RewardConfig, tokenizer, device: torch.device) -> torch.nn.Module:
+    """Base LM with a one-label score head, the adapter applied, the head always trained."""
+    if cfg.adapter in ("prefix", "prompt", "trainable_tokens", "qlora"):
+        raise UserError(f"adapter={cfg.adapter} is not supported for reward models")
+    model = load_model(cfg, tokenizer, AutoModelForSequenceClassification).to(device)
+    model = apply_adapter(model, cfg, tokenizer, task_type="SEQ_CLS")
+    for name, param in model.named_parameters():
+        if name.split(".")[-2:-1] == ["score"] or ".score." in name:
+            param.requires_grad_(True)
+    if dist.is_main():
+        print(trainable_summary(model), file=sys.stderr)
+    return model
+
+
+def reward(cfg: RewardConfig | dict) -> dict[str, float]:
+    """Train a reward model on `cfg.data.train` (pairs or ranked lists); writes `output_dir`."""
+    cfg = build_config(RewardConfig, cfg)
+    check_output_dir(cfg)
+    device = dist.init()
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg)
+    if cfg.chat_template:
+        ensure_chat_template(tokenizer, cfg.chat_template)
+    train = load_examples(cfg.data.train, cfg.data.split, tokenizer, cfg, "train")
+    evals = (
+        load_examples(cfg.data.eval, cfg.data.eval_split, tokenizer, cfg, "eval")
+        if cfg.data.eval
+        else []
+    )
+    model = load_reward_model(cfg, tokenizer, device)
+    return run_job(reward_job(cfg, model, tokenizer, train, evals), cfg, device)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def load_scorer(path: str):
+    """(model, tokenizer) of a trained reward model: a full folder, an adapter, or a run."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from posttrain.modeling.inference import resolve_model_path
+
+    where = Path(resolve_model_path(path))
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    adapter = where / "adapter_config.json"
+    base = (
+        json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else where
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32
+    )
+    if adapter.is_file():
+        model = PeftModel.from_pretrained(model, where).merge_and_unload()
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def score(model, tokenizer, rows: list[dict], batch_size: int = 32, max_length: int = 2048):
+    """Rewards of (prompt, completion) rows (strings or message lists), in order."""
+    items = [(f"row {n}", r["prompt"], r["completion"]) for n, r in enumerate(rows, 1)]
+    encoded = encode_responses(items, tokenizer, max_length)
+    for (where, _, _), e in zip(items, encoded):
+        if e is None:
+            raise UserError(
+                f"{where}: nothing of the completion is left within {max_length} tokens"
+            )
+    examples = [{"responses": [e], "margin": 0.0} for e in encoded]
+    out = []
+    for start in range(0, len(examples), batch_size):
+        chunk = [[i] for i in range(start, min(start + batch_size, len(examples)))]
+        batch = collate_ranked(examples, chunk, tokenizer.pad_token_id)
+        out += rewards_of(model, batch)[:, 0].tolist()
+    return out
+
+
+def score_main(argv: list[str]) -> None:
+    """`posttrain reward score MODEL data=FILE [output=FILE]`: one reward per row, as JSONL."""
+    from posttrain.io import write_text_atomic
+
+    models = [a for a in argv if "=" not in a]
+    keys = dict(a.split("=", 1) for a in argv if "=" in a)
+    unknown = set(keys) - {"data", "output"}
+    if len(models) != 1 or "data" not in keys or unknown:
+        raise UserError("usage: posttrain reward score MODEL data=FILE [output=FILE]")
+    rows = [row for _, row in load_rows(keys["data"])]
+    for n, row in enumerate(rows, 1):
+        if "prompt" not in row or "completion" not in row:
+            raise UserError(f"{keys['data']}:{n}: needs `prompt` and `completion` fields")
+    model, tokenizer = load_scorer(models[0])
+    rewards = score(model, tokenizer, rows)
+    lines = "".join(json.dumps({**row, "reward": r}) + "\n" for row, r in zip(rows, rewards))
+    if "output" in keys:
+        write_text_atomic(keys["output"], lines)
+    else:
+        sys.stdout.write(lines)
