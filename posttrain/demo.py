@@ -2,7 +2,8 @@
 
 Loads the shipped base model, writes the world's datasets, then runs each stage in
 `STAGES` in order: a stage trains (or not) and names the model it produced; the demo
-evaluates every model on the same test split, shows its completions of the same prompts,
+evaluates every policy model on the same test split and shows its completions of the same
+prompts (a stage with its own `evaluate`, like the reward model, reports its own numbers),
 and writes the report folder:
 
     DIR/report.md       results table and example completions, stage by stage
@@ -12,7 +13,8 @@ and writes the report folder:
     DIR/data/           the world's datasets
 
 A new stage is one `Stage(name, title, train)` line plus its `train` function, which
-takes the demo context and returns the model folder or run directory it produced.
+takes the demo context and returns the model folder or run directory it produced (and an
+`evaluate` function when the model is not a chat policy).
 `--quick` trains and evaluates less (2-3 minutes); the tests run it.
 """
 
@@ -67,6 +69,8 @@ class Stage:
     name: str
     title: str
     train: Callable[[Context], str]  # returns a model folder or run directory
+    evaluate: Callable[[Context, str], tuple[dict, dict]] | None = None  # None: a policy model
+    headline: str = "accuracy"  # the metric printed as the stage ends
 
 
 def train_base(ctx: Context) -> str:
@@ -97,9 +101,58 @@ def train_sft(ctx: Context) -> str:
     return str(run)
 
 
+def train_reward(ctx: Context) -> str:
+    """A LoRA reward model on the gold-labelled preference pairs, from the base model."""
+    from posttrain.train.reward import reward
+
+    run = ctx.out / "runs" / "reward"
+    reward(
+        {
+            "model": ctx.base,
+            "data": {"train": str(ctx.data / "preference_train.jsonl")},
+            "output_dir": str(run),
+            "lora": {"r": 16, "alpha": 32},
+            "batch_size": 16,
+            "epochs": 1 if ctx.quick else 4,
+            "lr": 1e-3,
+            "warmup": 0.05,
+            "log_every": 10,
+            "offline": True,
+        }
+    )
+    return str(run)
+
+
+def evaluate_reward(ctx: Context, model_path: str) -> tuple[dict, dict]:
+    """Pairwise accuracy on held-out preference pairs, overall and by kind of pair."""
+    from posttrain.evaluate.suite import read_rows
+    from posttrain.evaluate.tasks import by_task
+    from posttrain.train.reward import load_scorer, score
+
+    model, tok = load_scorer(model_path)
+    rows = read_rows(ctx.data, "preference_test", 100 if ctx.quick else None)
+    chosen = score(model, tok, [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
+    rejected = score(
+        model, tok, [{"prompt": r["prompt"], "completion": r["rejected"]} for r in rows]
+    )
+    wins = [float(c > r) for c, r in zip(chosen, rejected)]
+    metrics = {
+        "pairwise_accuracy": sum(wins) / len(wins),
+        "pairwise_accuracy_by_pair": by_task(wins, [r["pair"] for r in rows]),
+    }
+    return metrics, {}
+
+
 STAGES = (
     Stage("base", "Base model (pretrained only)", train_base),
     Stage("sft", "SFT with LoRA", train_sft),
+    Stage(
+        "reward",
+        "Reward model (LoRA, Bradley-Terry)",
+        train_reward,
+        evaluate_reward,
+        "pairwise_accuracy",
+    ),  # fmt: skip
 )
 
 
@@ -145,9 +198,11 @@ def run_demo(cfg: DemoConfig | dict) -> dict:
         say(f"== {stage.title}")
         start = time.time()
         ctx.models[stage.name] = stage.train(ctx)
-        results[stage.name], completions[stage.name] = evaluate_stage(ctx, ctx.models[stage.name])
+        evaluate = stage.evaluate or evaluate_stage
+        results[stage.name], completions[stage.name] = evaluate(ctx, ctx.models[stage.name])
         seconds[stage.name] = round(time.time() - start, 1)
-        say(f"   accuracy {results[stage.name]['accuracy']:.3f} ({seconds[stage.name]} s)")
+        value = results[stage.name][stage.headline]
+        say(f"   {stage.headline} {value:.3f} ({seconds[stage.name]} s)")
     plots = write_plots(ctx)
     write_json(out / "results.json", results)
     write_text_atomic(out / "report.md", report(ctx, results, completions, seconds, plots))
@@ -176,7 +231,7 @@ def report(ctx, results: dict, completions: dict, seconds: dict, plots: dict) ->
     """The Markdown report: results table, per-task accuracy, completions, plots."""
     from posttrain.world.tasks import KINDS
 
-    stages = [s for s in STAGES if s.name in results]
+    stages = [s for s in STAGES if s.name in results and s.evaluate is None]
     lines = ["# posttrain demo: the tiny world", ""]
     lines += [f"Base model: `{ctx.base}`. Quick mode: {ctx.quick}.", "", "## Results", ""]
     header = ["stage", "accuracy", *KINDS, "perplexity", "seconds"]
@@ -192,6 +247,7 @@ def report(ctx, results: dict, completions: dict, seconds: dict, plots: dict) ->
             str(seconds[s.name]),
         ]
         lines.append("| " + " | ".join(row) + " |")
+    lines += reward_section(results, seconds)
     lines += ["", "## Completions (greedy, through the chat template)", ""]
     for prompt in PROMPTS:
         lines.append(f"**{prompt}**")
@@ -203,6 +259,22 @@ def report(ctx, results: dict, completions: dict, seconds: dict, plots: dict) ->
     lines += ["## Training curves", ""]
     lines += [f"![{name}](plots/{path.name})" for name, path in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+def reward_section(results: dict, seconds: dict) -> list[str]:
+    """Pairwise accuracy of the reward model on held-out pairs, by kind of pair."""
+    if "reward" not in results:
+        return []
+    r = results["reward"]
+    kinds = list(r["pairwise_accuracy_by_pair"])
+    lines = ["", "## Reward model: held-out preference pairs", ""]
+    lines += ["| pairwise accuracy | " + " | ".join(kinds) + " | seconds |"]
+    lines += ["|" + "---|" * (len(kinds) + 2)]
+    by_pair = [f"{r['pairwise_accuracy_by_pair'][k]:.2f}" for k in kinds]
+    lines.append(
+        f"| {r['pairwise_accuracy']:.3f} | " + " | ".join(by_pair) + f" | {seconds['reward']} |"
+    )
+    return lines
 
 
 def one_line(text: str) -> str:
