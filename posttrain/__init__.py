@@ -13,6 +13,13 @@ def sft(cfg):
     return run(cfg)
 
 
+def dpo(cfg):
+    """Preference tuning (DPO family); `cfg` is a `DPOConfig` or a dict (`posttrain dpo --help`)."""
+    from posttrain.train.dpo import dpo as run
+
+    return run(cfg)
+
+
 def reward(cfg):
     """Train a reward model; `cfg` is a `RewardConfig` or a dict (see `posttrain reward --help`)."""
     from posttrain.train.reward import reward as run

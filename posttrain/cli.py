@@ -21,6 +21,12 @@ TRAINING = {
         "sft",
         "supervised fine-tuning (full or any adapter)",
     ),
+    "dpo": (
+        "posttrain.train.dpo",
+        "DPOConfig",
+        "dpo",
+        "direct preference optimisation: dpo, robust, ipo, hinge, simpo, cpo, orpo",
+    ),
     "reward": (
         "posttrain.train.reward",
         "RewardConfig",

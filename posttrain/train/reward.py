@@ -30,6 +30,7 @@ from posttrain.data.batching import plan_batches
 from posttrain.data.chat import ensure_chat_template
 from posttrain.data.load import load_rows
 from posttrain.data.preference import encode_responses, tokenize_ranked
+from posttrain.data.tokenize import IGNORE
 from posttrain.errors import UserError
 from posttrain.losses.preference import bradley_terry, center_penalty, plackett_luce
 from posttrain.modeling.adapters import (
@@ -53,18 +54,25 @@ class RewardConfig(TrainConfig):
 
 
 def collate_ranked(examples: list[dict], spec: list[list[int]], pad_id: int) -> dict:
-    """(B*K, T) right-padded rows, response-major within each example, plus margins (B,)."""
+    """(B*K, T) right-padded rows (input_ids, targets, attention_mask), the K responses of each
+    example together; margins (B,), and reference log-probs (B, K) when examples carry them."""
     rows = [examples[i] for group in spec for i in group]
-    seqs = [r["input_ids"] for row in rows for r in row["responses"]]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for n, seq in enumerate(seqs):
-        ids[n, : len(seq)] = torch.tensor(seq)
-        mask[n, : len(seq)] = 1
+    responses = [r for row in rows for r in row["responses"]]
+    width = max(len(r["input_ids"]) for r in responses)
+    ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(responses), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for n, r in enumerate(responses):
+        ids[n, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        targets[n, : len(r["targets"])] = torch.tensor(r["targets"])
+        mask[n, : len(r["input_ids"])] = 1
     k = len(rows[0]["responses"])
     margins = torch.tensor([row["margin"] for row in rows], dtype=torch.float32)
-    return {"input_ids": ids, "attention_mask": mask, "margin": margins, "k": torch.tensor(k)}
+    batch = {"input_ids": ids, "targets": targets, "attention_mask": mask, "k": torch.tensor(k)}
+    batch["margin"] = margins
+    if "ref_logps" in rows[0]:
+        batch["ref_logps"] = torch.tensor([row["ref_logps"] for row in rows], dtype=torch.float32)
+    return batch
 
 
 def rewards_of(model: torch.nn.Module, batch: dict) -> torch.Tensor:

@@ -1,0 +1,227 @@
+"""Direct preference optimisation and its family: `posttrain dpo loss=...`.
+
+Losses (`posttrain.losses.preference`): `dpo` (sigmoid; `label_smoothing` > 0 is cDPO),
+`robust`, `ipo` (on length-averaged log-probs, as TRL), `hinge`, and the reference-free
+`simpo` (averaged log-probs, margin `gamma`), `cpo` and `orpo` (both add the chosen response's
+mean NLL, as their papers and TRL do).
+
+Each step runs chosen and rejected through the model in one concatenated (2B, T) forward pass;
+sequence log-probs come from the final hidden states through the LM head in chunks
+(`losses.lm.token_logprobs`), so the (B, T, V) logits never exist.
+
+The reference model: with an adapter, the same model with the adapter disabled (no second
+copy). Otherwise its log-probs are computed once before training and cached in
+`output_dir/reference_logps.json` with a fingerprint of the data and model; a resumed run
+reuses the cache, a changed data file or model recomputes it.
+
+Metrics: loss, rewards_chosen/rejected (beta x log-ratio; beta x mean log-prob for the
+reference-free losses), reward accuracy and margin, and the chosen/rejected log-probs.
+
+Simplified on purpose: pairs only (KTO's unpaired data is not wired here yet); no packing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from posttrain.config import TrainConfig, build_config, check, opt
+from posttrain.data.batching import plan_batches
+from posttrain.data.chat import ensure_chat_template
+from posttrain.errors import UserError
+from posttrain.io import write_json
+from posttrain.losses import preference as P
+from posttrain.losses.lm import IGNORE_INDEX, final_hidden, output_head, token_logprobs
+from posttrain.modeling.adapters import load_trainable_state, save_model, trainable_state
+from posttrain.modeling.load import load_tokenizer
+from posttrain.train import dist
+from posttrain.train.loop import Job, seed_everything
+from posttrain.train.reward import collate_ranked, count_rows, count_tokens, load_examples
+from posttrain.train.run import check_output_dir, load_trainable_model, run_job
+
+LOSSES = ("dpo", "robust", "ipo", "hinge", "simpo", "cpo", "orpo")
+REFERENCE_FREE = ("simpo", "cpo", "orpo")
+CACHE = "reference_logps.json"
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """`posttrain dpo`: the shared training keys plus the loss and its constants."""
+
+    loss: str = opt("dpo", "loss: " + ", ".join(LOSSES))
+    beta: float = opt(0.1, "inverse temperature (IPO's tau; ORPO's lambda)")
+    label_smoothing: float = opt(
+        0.0, "assumed label-noise rate (cdpo via loss=dpo, robust, simpo, cpo)"
+    )
+    gamma: float = opt(0.5, "SimPO target margin")
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        check(self.beta > 0, "beta", "must be > 0")
+        check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p(target) per row, trained tokens per row), both (rows,) float32."""
+    hidden = final_hidden(model, batch)  # (R, T, H)
+    targets = batch["targets"]  # (R, T)
+    keep = targets != IGNORE_INDEX
+    logps = token_logprobs(hidden[keep], output_head(model), targets[keep])  # (N,)
+    row = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
+    sums = torch.zeros(targets.shape[0], device=logps.device, dtype=logps.dtype)
+    return sums.index_add(0, row, logps), keep.sum(1).to(logps.dtype)
+
+
+def reference_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """(B, 2) reference sums: cached in the batch, or the model with its adapter disabled."""
+    if "ref_logps" in batch:
+        return batch["ref_logps"]
+    with torch.no_grad(), model.disable_adapter():
+        return sequence_logps(model, batch)[0].view(-1, 2)
+
+
+def pair_losses(cfg: DPOConfig, pol: torch.Tensor, count: torch.Tensor, ref: torch.Tensor | None):
+    """Per-pair loss and the implicit rewards (chosen, rejected) for logging; (B, 2) inputs."""
+    c, r = pol[:, 0], pol[:, 1]
+    avg = pol / count  # (B, 2) mean log-prob per trained token
+    if cfg.loss in REFERENCE_FREE:
+        ac, ar = avg[:, 0], avg[:, 1]
+        if cfg.loss == "simpo":
+            loss = P.simpo(ac, ar, cfg.beta, cfg.gamma, cfg.label_smoothing)
+        elif cfg.loss == "cpo":
+            loss = P.cpo(c, r, cfg.beta, cfg.label_smoothing) - ac  # + NLL of chosen
+        else:
+            loss = P.orpo(ac, ar, cfg.beta) - ac  # + NLL of chosen
+        return loss, cfg.beta * ac.detach(), cfg.beta * ar.detach()
+    rc, rr = ref[:, 0], ref[:, 1]
+    if cfg.loss == "ipo":
+        ref_avg = ref / count
+        loss = P.ipo(avg[:, 0], avg[:, 1], ref_avg[:, 0], ref_avg[:, 1], cfg.beta)
+    elif cfg.loss == "robust":
+        loss = P.robust(c, r, rc, rr, cfg.beta, cfg.label_smoothing)
+    elif cfg.loss == "hinge":
+        loss = P.hinge(c, r, rc, rr, cfg.beta)
+    else:
+        loss = P.dpo(c, r, rc, rr, cfg.beta, cfg.label_smoothing)
+    chosen = P.implicit_rewards(c.detach(), rc, cfg.beta)
+    return loss, chosen, P.implicit_rewards(r.detach(), rr, cfg.beta)
+
+
+def dpo_loss(model: torch.nn.Module, batch: dict, cfg: DPOConfig):
+    """Summed pair losses of one concatenated pass, and the per-pair metrics."""
+    sums, count = sequence_logps(model, batch)
+    pol, count = sums.view(-1, 2), count.view(-1, 2)
+    ref = None if cfg.loss in REFERENCE_FREE else reference_logps(model, batch)
+    loss, chosen, rejected = pair_losses(cfg, pol, count, ref)
+    metrics = P.reward_metrics(chosen, rejected)
+    metrics = {f"rewards_{k}" if k in ("chosen", "rejected") else k: v for k, v in metrics.items()}
+    metrics["logps_chosen"] = float(pol[:, 0].detach().mean())
+    metrics["logps_rejected"] = float(pol[:, 1].detach().mean())
+    return loss.sum(), metrics
+
+
+# ----------------------------------------------------------------------------- reference cache
+
+
+def fingerprint(cfg: DPOConfig, examples: list[dict]) -> str:
+    """Hash of the model name and every token of the data: a changed file never reuses a cache."""
+    digest = hashlib.sha256(f"{cfg.model}|{cfg.revision}|{cfg.max_length}".encode())
+    for e in examples:
+        for r in e["responses"]:
+            digest.update(json.dumps([r["input_ids"], r["targets"]]).encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def compute_reference(model, examples: list[dict], pad_id: int, batch_size: int) -> list:
+    """[[chosen, rejected] summed log-probs] per example, from the model as loaded."""
+    model.eval()
+    out = []
+    for start in range(0, len(examples), batch_size):
+        spec = [list(range(start, min(start + batch_size, len(examples))))]
+        batch = collate_ranked(examples, spec, pad_id)
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out += sequence_logps(model, batch)[0].view(-1, 2).tolist()
+    return out
+
+
+def attach_reference(cfg: DPOConfig, model, tokenizer, sets: dict[str, list[dict]]) -> None:
+    """Give every example its `ref_logps`, from the cache when its fingerprint matches."""
+    path = Path(cfg.output_dir) / CACHE
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    fresh = {}
+    for name, examples in sets.items():
+        key = fingerprint(cfg, examples)
+        entry = cached.get(name, {})
+        if entry.get("fingerprint") == key:
+            values = entry["logps"]
+        else:
+            if entry and dist.is_main():
+                print(f"{CACHE}: {name} data or model changed; recomputing", file=sys.stderr)
+            values = compute_reference(model, examples, tokenizer.pad_token_id, cfg.batch_size)
+        fresh[name] = {"fingerprint": key, "logps": values}
+        for e, v in zip(examples, values):
+            e["ref_logps"] = v
+    if dist.is_main() and fresh != cached:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, fresh)
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+def dpo_job(cfg: DPOConfig, model, tokenizer, train: list, evals: list) -> Job:
+    pad = tokenizer.pad_token_id
+
+    def lengths(examples):
+        return [max(len(r["input_ids"]) for r in e["responses"]) for e in examples]
+
+    def plan(epoch: int):
+        return plan_batches(lengths(train), cfg.batch_size, cfg.max_length, False, cfg.seed, epoch)
+
+    eval_specs = plan_batches(lengths(evals), cfg.batch_size, cfg.max_length, False, cfg.seed, 0)
+    return Job(
+        model=model,
+        plan=plan,
+        collate=partial(collate_ranked, train, pad_id=pad),
+        loss=partial(dpo_loss, cfg=cfg),
+        units=count_rows,
+        tokens=count_tokens,
+        save_final=lambda m, path: save_model(m, tokenizer, path),
+        eval_specs=eval_specs if evals else None,
+        eval_collate=partial(collate_ranked, evals, pad_id=pad),
+        trainable=trainable_state,
+        load_trainable=load_trainable_state,
+    )
+
+
+def dpo(cfg: DPOConfig | dict) -> dict[str, float]:
+    """Preference-tune `cfg.model` on prompt/chosen/rejected pairs; writes `output_dir`."""
+    cfg = build_config(DPOConfig, cfg)
+    check_output_dir(cfg)
+    device = dist.init()
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg)
+    if cfg.chat_template:
+        ensure_chat_template(tokenizer, cfg.chat_template)
+    train = load_examples(cfg.data.train, cfg.data.split, tokenizer, cfg, "train")
+    evals = (
+        load_examples(cfg.data.eval, cfg.data.eval_split, tokenizer, cfg, "eval")
+        if cfg.data.eval
+        else []
+    )
+    if len(train[0]["responses"]) != 2:
+        raise UserError("dpo needs pairs (prompt/chosen/rejected), not ranked lists")
+    model = load_trainable_model(cfg, tokenizer, device)
+    if cfg.loss not in REFERENCE_FREE and not isinstance(model, PeftModel):
+        attach_reference(cfg, model, tokenizer, {"train": train, "eval": evals})
+    return run_job(dpo_job(cfg, model, tokenizer, train, evals), cfg, device)
