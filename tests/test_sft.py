@@ -12,6 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import posttrain
 from posttrain.cli import main
 from tests.tiny import save_tiny
 
@@ -149,3 +150,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists()
+
+
+def test_python_api_takes_a_dict(tiny_dir, tmp_path):
+    data = write_chats(tmp_path / "chats.jsonl")
+    cfg = {"model": tiny_dir, "data": {"train": data}, "output_dir": str(tmp_path / "run")}
+    metrics = posttrain.sft({**cfg, "max_steps": 2, "batch_size": 4, "max_length": 64})
+    assert metrics["step"] == 2 and metrics["loss"] > 0
+    assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()

@@ -37,20 +37,23 @@ def resolve_model_path(path: str) -> str:
     return str(p)
 
 
+def adapter_base(where: str | Path) -> str | None:
+    """The base model a peft adapter folder was trained on, or None for a full model folder."""
+    config = Path(where, "adapter_config.json")
+    return json.loads(config.read_text())["base_model_name_or_path"] if config.is_file() else None
+
+
 def load_for_inference(path: str, trust_remote_code: bool = False):
     """(model, tokenizer) ready for generation; adapters are merged into their base."""
     where = resolve_model_path(path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    adapter = Path(where, "adapter_config.json")
-    base = (
-        json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else where
-    )
+    base = adapter_base(where)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-        if adapter.is_file():
+        model = AutoModelForCausalLM.from_pretrained(base or where, **kwargs)
+        if base:
             if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
                 model.resize_token_embeddings(len(tokenizer))
             model = PeftModel.from_pretrained(model, where).merge_and_unload()

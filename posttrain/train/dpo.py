@@ -33,18 +33,13 @@ import torch
 from peft import PeftModel
 
 from posttrain.config import TrainConfig, build_config, check, opt
-from posttrain.data.batching import plan_batches
-from posttrain.data.chat import ensure_chat_template
 from posttrain.errors import UserError
 from posttrain.io import write_json
 from posttrain.losses import preference as P
 from posttrain.losses.lm import IGNORE_INDEX, final_hidden, output_head, token_logprobs
-from posttrain.modeling.adapters import load_trainable_state, save_model, trainable_state
-from posttrain.modeling.load import load_tokenizer
 from posttrain.train import dist
-from posttrain.train.loop import Job, seed_everything
-from posttrain.train.reward import collate_ranked, count_rows, count_tokens, load_examples
-from posttrain.train.run import check_output_dir, load_trainable_model, run_job
+from posttrain.train.reward import collate_ranked, load_examples, ranked_job
+from posttrain.train.run import begin_run, load_splits, load_trainable_model, run_job
 
 LOSSES = ("dpo", "robust", "ipo", "hinge", "simpo", "cpo", "orpo")
 REFERENCE_FREE = ("simpo", "cpo", "orpo")
@@ -179,49 +174,17 @@ def attach_reference(cfg: DPOConfig, model, tokenizer, sets: dict[str, list[dict
 # ----------------------------------------------------------------------------- the method
 
 
-def dpo_job(cfg: DPOConfig, model, tokenizer, train: list, evals: list) -> Job:
-    pad = tokenizer.pad_token_id
-
-    def lengths(examples):
-        return [max(len(r["input_ids"]) for r in e["responses"]) for e in examples]
-
-    def plan(epoch: int):
-        return plan_batches(lengths(train), cfg.batch_size, cfg.max_length, False, cfg.seed, epoch)
-
-    eval_specs = plan_batches(lengths(evals), cfg.batch_size, cfg.max_length, False, cfg.seed, 0)
-    return Job(
-        model=model,
-        plan=plan,
-        collate=partial(collate_ranked, train, pad_id=pad),
-        loss=partial(dpo_loss, cfg=cfg),
-        units=count_rows,
-        tokens=count_tokens,
-        save_final=lambda m, path: save_model(m, tokenizer, path),
-        eval_specs=eval_specs if evals else None,
-        eval_collate=partial(collate_ranked, evals, pad_id=pad),
-        trainable=trainable_state,
-        load_trainable=load_trainable_state,
-    )
-
-
 def dpo(cfg: DPOConfig | dict) -> dict[str, float]:
     """Preference-tune `cfg.model` on prompt/chosen/rejected pairs; writes `output_dir`."""
     cfg = build_config(DPOConfig, cfg)
-    check_output_dir(cfg)
-    device = dist.init()
-    seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg)
-    if cfg.chat_template:
-        ensure_chat_template(tokenizer, cfg.chat_template)
-    train = load_examples(cfg.data.train, cfg.data.split, tokenizer, cfg, "train")
-    evals = (
-        load_examples(cfg.data.eval, cfg.data.eval_split, tokenizer, cfg, "eval")
-        if cfg.data.eval
-        else []
+    device, tokenizer = begin_run(cfg)
+    train, evals = load_splits(
+        cfg, lambda source, split, label: load_examples(source, split, tokenizer, cfg, label)
     )
     if len(train[0]["responses"]) != 2:
         raise UserError("dpo needs pairs (prompt/chosen/rejected), not ranked lists")
     model = load_trainable_model(cfg, tokenizer, device)
     if cfg.loss not in REFERENCE_FREE and not isinstance(model, PeftModel):
         attach_reference(cfg, model, tokenizer, {"train": train, "eval": evals})
-    return run_job(dpo_job(cfg, model, tokenizer, train, evals), cfg, device)
+    loss = partial(dpo_loss, cfg=cfg)
+    return run_job(ranked_job(cfg, model, tokenizer, train, evals, loss), cfg, device)

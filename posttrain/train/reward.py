@@ -20,14 +20,12 @@ import json
 import sys
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification
 
 from posttrain.config import TrainConfig, build_config, opt
 from posttrain.data.batching import plan_batches
-from posttrain.data.chat import ensure_chat_template
 from posttrain.data.load import load_rows
 from posttrain.data.preference import encode_responses, tokenize_ranked
 from posttrain.data.tokenize import IGNORE
@@ -40,10 +38,10 @@ from posttrain.modeling.adapters import (
     trainable_state,
     trainable_summary,
 )
-from posttrain.modeling.load import load_model, load_tokenizer
+from posttrain.modeling.load import load_model
 from posttrain.train import dist
-from posttrain.train.loop import Job, seed_everything
-from posttrain.train.run import check_output_dir, run_job
+from posttrain.train.loop import Job
+from posttrain.train.run import begin_run, load_splits, run_job
 
 
 @dataclass
@@ -118,7 +116,8 @@ def load_examples(source: str, split: str, tokenizer, cfg: RewardConfig, label: 
     return examples
 
 
-def reward_job(cfg: RewardConfig, model, tokenizer, train: list, evals: list) -> Job:
+def ranked_job(cfg: TrainConfig, model, tokenizer, train: list, evals: list, loss) -> Job:
+    """The loop's Job for ranked-response data (reward models, the DPO family)."""
     pad = tokenizer.pad_token_id
 
     def lengths(examples):
@@ -132,7 +131,7 @@ def reward_job(cfg: RewardConfig, model, tokenizer, train: list, evals: list) ->
         model=model,
         plan=plan,
         collate=partial(collate_ranked, train, pad_id=pad),
-        loss=partial(reward_loss, center_coef=cfg.center_coef),
+        loss=loss,
         units=count_rows,
         tokens=count_tokens,
         save_final=lambda m, path: save_model(m, tokenizer, path),
@@ -160,20 +159,13 @@ def load_reward_model(cfg: RewardConfig, tokenizer, device: torch.device) -> tor
 def reward(cfg: RewardConfig | dict) -> dict[str, float]:
     """Train a reward model on `cfg.data.train` (pairs or ranked lists); writes `output_dir`."""
     cfg = build_config(RewardConfig, cfg)
-    check_output_dir(cfg)
-    device = dist.init()
-    seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg)
-    if cfg.chat_template:
-        ensure_chat_template(tokenizer, cfg.chat_template)
-    train = load_examples(cfg.data.train, cfg.data.split, tokenizer, cfg, "train")
-    evals = (
-        load_examples(cfg.data.eval, cfg.data.eval_split, tokenizer, cfg, "eval")
-        if cfg.data.eval
-        else []
+    device, tokenizer = begin_run(cfg)
+    train, evals = load_splits(
+        cfg, lambda source, split, label: load_examples(source, split, tokenizer, cfg, label)
     )
     model = load_reward_model(cfg, tokenizer, device)
-    return run_job(reward_job(cfg, model, tokenizer, train, evals), cfg, device)
+    loss = partial(reward_loss, center_coef=cfg.center_coef)
+    return run_job(ranked_job(cfg, model, tokenizer, train, evals, loss), cfg, device)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -184,18 +176,15 @@ def load_scorer(path: str):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from posttrain.modeling.inference import resolve_model_path
+    from posttrain.modeling.inference import adapter_base, resolve_model_path
 
-    where = Path(resolve_model_path(path))
+    where = resolve_model_path(path)
     tokenizer = AutoTokenizer.from_pretrained(where)
-    adapter = where / "adapter_config.json"
-    base = (
-        json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else where
-    )
+    base = adapter_base(where)
     model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32
+        base or where, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32
     )
-    if adapter.is_file():
+    if base:
         model = PeftModel.from_pretrained(model, where).merge_and_unload()
     return model.eval(), tokenizer
 

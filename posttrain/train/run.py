@@ -8,6 +8,7 @@ loaded and checked before anything is created in `output_dir`.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +29,31 @@ def check_output_dir(cfg: TrainConfig) -> None:
         raise UserError(f"output_dir {out} is a file")
     if out.is_dir() and any(out.iterdir()) and not (out / "config.yaml").is_file():
         raise UserError(f"output_dir {out} is not empty and is not a posttrain run; choose another")
+
+
+def begin_run(cfg: TrainConfig):
+    """Common opening of every training command: check output_dir, init ranks, seed, tokenizer.
+
+    Returns (device, tokenizer); the tokenizer has a pad token and `cfg.chat_template` applied.
+    """
+    from posttrain.data.chat import ensure_chat_template
+    from posttrain.modeling.load import load_tokenizer
+    from posttrain.train.loop import seed_everything
+
+    check_output_dir(cfg)
+    device = dist.init()
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg)
+    if cfg.chat_template:
+        ensure_chat_template(tokenizer, cfg.chat_template)
+    return device, tokenizer
+
+
+def load_splits(cfg: TrainConfig, load: Callable) -> tuple[list, list]:
+    """(train, eval) examples via `load(source, split, label)`; eval is [] without data.eval."""
+    train = load(cfg.data.train, cfg.data.split, "train")
+    evals = load(cfg.data.eval, cfg.data.eval_split, "eval") if cfg.data.eval else []
+    return train, evals
 
 
 def load_trainable_model(cfg: TrainConfig, tokenizer, device: torch.device) -> torch.nn.Module:

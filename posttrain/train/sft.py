@@ -16,15 +16,13 @@ import torch
 
 from posttrain.config import TrainConfig, build_config
 from posttrain.data.batching import collate, plan_batches
-from posttrain.data.chat import ensure_chat_template
 from posttrain.data.load import load_rows
 from posttrain.data.tokenize import tokenize_sft
 from posttrain.losses.lm import lm_loss
 from posttrain.modeling.adapters import load_trainable_state, save_model, trainable_state
-from posttrain.modeling.load import load_tokenizer
 from posttrain.train import dist
-from posttrain.train.loop import Job, seed_everything
-from posttrain.train.run import check_output_dir, load_trainable_model, run_job
+from posttrain.train.loop import Job
+from posttrain.train.run import begin_run, load_splits, load_trainable_model, run_job
 
 
 @dataclass
@@ -96,17 +94,9 @@ def sft_job(cfg: SFTConfig, model, tokenizer, train, evals) -> Job:
 def sft(cfg: SFTConfig | dict) -> dict[str, float]:
     """Fine-tune `cfg.model` on `cfg.data.train`; returns the last metrics. Writes `output_dir`."""
     cfg = build_config(SFTConfig, cfg)
-    check_output_dir(cfg)
-    device = dist.init()
-    seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg)
-    if cfg.chat_template:
-        ensure_chat_template(tokenizer, cfg.chat_template)
-    train = tokenize_source(cfg.data.train, cfg.data.split, tokenizer, cfg, "train")
-    evals = (
-        tokenize_source(cfg.data.eval, cfg.data.eval_split, tokenizer, cfg, "eval")
-        if cfg.data.eval
-        else []
+    device, tokenizer = begin_run(cfg)
+    train, evals = load_splits(
+        cfg, lambda source, split, label: tokenize_source(source, split, tokenizer, cfg, label)
     )
     model = load_trainable_model(cfg, tokenizer, device)
     return run_job(sft_job(cfg, model, tokenizer, train, evals), cfg, device)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from posttrain.config import build_config, opt
+from posttrain.config import build_config, check, opt
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir, write_json
 from posttrain.world.datasets import write_corpus
@@ -50,6 +50,16 @@ class PretrainConfig:
     batch_size: int = opt(8, "packed rows per step")
     lr: float = opt(2e-3, "peak learning rate (cosine, 3% warm-up)")
     work_dir: str = opt("", "keep the corpus and training run here (default: a temp folder)")
+
+    def validate(self) -> None:
+        check(self.tokens > 0, "tokens", "must be > 0")
+        check(
+            min(self.hidden, self.layers, self.heads, self.batch_size) > 0,
+            "hidden",
+            "hidden, layers, heads and batch_size must be > 0",
+        )
+        check(self.hidden % self.heads == 0, "heads", f"must divide hidden ({self.hidden})")
+        check(self.context >= 16, "context", "must be at least 16 tokens")
 
 
 def init_model(cfg: PretrainConfig, tokenizer, path: Path) -> int:
