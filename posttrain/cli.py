@@ -25,7 +25,7 @@ TRAINING = {
         "posttrain.train.dpo",
         "DPOConfig",
         "dpo",
-        "direct preference optimisation: dpo, robust, ipo, hinge, simpo, cpo, orpo",
+        "direct preference optimisation: dpo, robust, ipo, hinge, simpo, cpo, orpo, kto",
     ),
     "reward": (
         "posttrain.train.reward",

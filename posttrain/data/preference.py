@@ -15,6 +15,12 @@ an assistant turn; without one, prompt and response are concatenated as text.
 (best first; `margin` is the row's optional `margin` field, else 0) and counting stats. A row whose responses are all equal is dropped and counted, as is
 a row where truncation to `max_length` leaves some response with no trained token.
 
+Unpaired rows `{"prompt", "completion", "label"}` (KTO) go through `tokenize_unpaired`: each
+example is the labelled completion plus a mismatched one, the previous row's completion after
+this row's prompt, whose log-ratio estimates KL(policy || reference) (KTO's z0; TRL pairs rows
+the same way within a batch). Pairwise rows are accepted there too, as two unpaired rows
+(chosen desirable, rejected undesirable).
+
 Simplified on purpose: every row of a file has the same number of responses.
 """
 
@@ -106,3 +112,49 @@ def cut(encoded: tuple[list[int], list[int]], max_length: int) -> dict | None:
     if all(t == IGNORE for t in targets):
         return None
     return {"input_ids": ids[:max_length], "targets": targets, "truncated": len(ids) > max_length}
+
+
+def unpaired_rows(rows: list[Row]) -> list[tuple[str, Any, Any, bool]]:
+    """(where, prompt, completion, desirable) per KTO row; a pair gives two rows."""
+    out = []
+    for where, row in rows:
+        if "label" not in row and "chosen" in row:
+            prompt, (chosen, rejected) = ranked_responses(where, row)
+            out += [(where, prompt, chosen, True), (where, prompt, rejected, False)]
+            continue
+        for key in ("prompt", "completion", "label"):
+            if key not in row:
+                raise UserError(
+                    f"{where}: missing field {key!r} (expected prompt/completion/label)"
+                )
+        if not isinstance(row["label"], bool):
+            raise UserError(f"{where}: field 'label' must be true or false, got {row['label']!r}")
+        out.append((where, row["prompt"], row["completion"], row["label"]))
+    return out
+
+
+def tokenize_unpaired(rows: list[Row], tokenizer: Any, max_length: int) -> tuple[list, dict]:
+    """KTO examples `{"responses": [labelled, mismatched], "margin": 0, "label"}` and stats."""
+    items = unpaired_rows(rows)
+    stats = {"rows": len(rows), "examples": 0, "dropped_equal": 0, "dropped_no_target": 0}
+    stats["truncated"] = 0
+    if len(items) < 2:
+        raise UserError("KTO needs at least 2 prompt/completion/label rows")
+    mismatched = [items[i - 1][2] for i in range(len(items))]  # previous row's completion
+    labelled = [(w, p, c) for w, p, c, _ in items]
+    kl_side = [(w, p, m) for (w, p, _, _), m in zip(items, mismatched)]
+    encoded = encode_responses(labelled + kl_side, tokenizer, max_length)
+    examples = []
+    for i, (_, _, _, label) in enumerate(items):
+        sides = [encoded[i], encoded[len(items) + i]]
+        if any(s is None for s in sides):
+            stats["dropped_no_target"] += 1
+            continue
+        stats["truncated"] += int(sides[0]["truncated"])  # the mismatched side is not trained
+        for side in sides:
+            side.pop("truncated")
+        examples.append({"responses": sides, "margin": 0.0, "label": label})
+    stats["examples"] = len(examples)
+    if not examples:
+        raise UserError("no usable KTO row (all too long for max_length)")
+    return examples, stats

@@ -71,6 +71,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """A detached tensor averaged over ranks (itself when not distributed)."""
+    if not active():
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / world_size()
+
+
 def sum_scalar(value: float, device: torch.device) -> float:
     """Sum a number over ranks."""
     if not active():

@@ -3,7 +3,10 @@
 Losses (`posttrain.losses.preference`): `dpo` (sigmoid; `label_smoothing` > 0 is cDPO),
 `robust`, `ipo` (on length-averaged log-probs, as TRL), `hinge`, and the reference-free
 `simpo` (averaged log-probs, margin `gamma`), `cpo` and `orpo` (both add the chosen response's
-mean NLL, as their papers and TRL do).
+mean NLL, as their papers and TRL do), and `kto` on unpaired prompt/completion/label rows
+(pairs are split into a desirable and an undesirable row). A KTO example is its labelled
+completion plus a mismatched one (`data.preference.tokenize_unpaired`); the batch mean of the
+mismatched log-ratios is KTO's reference point z0 (detached, clamped at 0, averaged over ranks).
 
 Each step runs chosen and rejected through the model in one concatenated (2B, T) forward pass;
 sequence log-probs come from the final hidden states through the LM head in chunks
@@ -17,7 +20,10 @@ reuses the cache, a changed data file or model recomputes it.
 Metrics: loss, rewards_chosen/rejected (beta x log-ratio; beta x mean log-prob for the
 reference-free losses), reward accuracy and margin, and the chosen/rejected log-probs.
 
-Simplified on purpose: pairs only (KTO's unpaired data is not wired here yet); no packing.
+For KTO, rewards_chosen/rejected are the mean implicit rewards of the batch's desirable and
+undesirable examples (absent when a batch has none), and `kl` is z0.
+
+Simplified on purpose: no packing; KTO's z0 comes from the micro-batch (as TRL), not the step.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import torch
 from peft import PeftModel
 
 from posttrain.config import TrainConfig, build_config, check, opt
+from posttrain.data.load import load_rows
+from posttrain.data.preference import tokenize_unpaired
 from posttrain.errors import UserError
 from posttrain.io import write_json
 from posttrain.losses import preference as P
@@ -41,7 +49,7 @@ from posttrain.train import dist
 from posttrain.train.reward import collate_ranked, load_examples, ranked_job
 from posttrain.train.run import begin_run, load_splits, load_trainable_model, run_job
 
-LOSSES = ("dpo", "robust", "ipo", "hinge", "simpo", "cpo", "orpo")
+LOSSES = ("dpo", "robust", "ipo", "hinge", "simpo", "cpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "cpo", "orpo")
 CACHE = "reference_logps.json"
 
@@ -56,12 +64,16 @@ class DPOConfig(TrainConfig):
         0.0, "assumed label-noise rate (cdpo via loss=dpo, robust, simpo, cpo)"
     )
     gamma: float = opt(0.5, "SimPO target margin")
+    desirable_weight: float = opt(1.0, "KTO lambda_D: weight of desirable examples")
+    undesirable_weight: float = opt(1.0, "KTO lambda_U: weight of undesirable examples")
 
     def validate(self) -> None:
         super().validate()
         check(self.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         check(self.beta > 0, "beta", "must be > 0")
         check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        check(self.desirable_weight > 0, "desirable_weight", "must be > 0")
+        check(self.undesirable_weight > 0, "undesirable_weight", "must be > 0")
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +122,31 @@ def pair_losses(cfg: DPOConfig, pol: torch.Tensor, count: torch.Tensor, ref: tor
     return loss, chosen, P.implicit_rewards(r.detach(), rr, cfg.beta)
 
 
+def kto_losses(cfg: DPOConfig, pol: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor):
+    """Per-example KTO loss and metrics; column 0 is the labelled completion, 1 the mismatched."""
+    kl_ratios = dist.mean_over_ranks(pol[:, 1] - ref[:, 1])  # (B,) averaged over ranks, then:
+    z0 = P.kto_kl_baseline(kl_ratios, torch.zeros_like(kl_ratios))  # batch mean, clamped at 0
+    weights = (cfg.desirable_weight, cfg.undesirable_weight)
+    loss = P.kto(pol[:, 0], ref[:, 0], labels, z0, cfg.beta, *weights)
+    rewards = P.implicit_rewards(pol[:, 0].detach(), ref[:, 0], cfg.beta)
+    good, bad = labels.bool(), ~labels.bool()
+    metrics = {"kl": float(z0)}
+    for name, rows in (("chosen", good), ("rejected", bad)):
+        if rows.any():  # a batch without one kind logs nothing for it
+            metrics[f"rewards_{name}"] = float(rewards[rows].mean())
+            metrics[f"logps_{name}"] = float(pol[rows, 0].detach().mean())
+    if good.any() and bad.any():
+        metrics["margin"] = metrics["rewards_chosen"] - metrics["rewards_rejected"]
+    return loss, metrics
+
+
 def dpo_loss(model: torch.nn.Module, batch: dict, cfg: DPOConfig):
     """Summed pair losses of one concatenated pass, and the per-pair metrics."""
     sums, count = sequence_logps(model, batch)
     pol, count = sums.view(-1, 2), count.view(-1, 2)
+    if cfg.loss == "kto":
+        loss, metrics = kto_losses(cfg, pol, reference_logps(model, batch), batch["label"])
+        return loss.sum(), metrics
     ref = None if cfg.loss in REFERENCE_FREE else reference_logps(model, batch)
     loss, chosen, rejected = pair_losses(cfg, pol, count, ref)
     metrics = P.reward_metrics(chosen, rejected)
@@ -174,12 +207,27 @@ def attach_reference(cfg: DPOConfig, model, tokenizer, sets: dict[str, list[dict
 # ----------------------------------------------------------------------------- the method
 
 
+def load_unpaired(source: str, split: str, tokenizer, cfg: DPOConfig, label: str) -> list[dict]:
+    """KTO examples from prompt/completion/label rows (or pairs), with a one-line summary."""
+    examples, stats = tokenize_unpaired(load_rows(source, split=split), tokenizer, cfg.max_length)
+    if dist.is_main():
+        good = sum(e["label"] for e in examples)
+        print(
+            f"{label}: {stats['examples']} KTO examples ({good} desirable) from {stats['rows']} "
+            f"rows; dropped {stats['dropped_no_target']} with nothing left after "
+            f"max_length={cfg.max_length}; truncated: {stats['truncated']}",
+            file=sys.stderr,
+        )
+    return examples
+
+
 def dpo(cfg: DPOConfig | dict) -> dict[str, float]:
     """Preference-tune `cfg.model` on prompt/chosen/rejected pairs; writes `output_dir`."""
     cfg = build_config(DPOConfig, cfg)
     device, tokenizer = begin_run(cfg)
+    load = load_unpaired if cfg.loss == "kto" else load_examples
     train, evals = load_splits(
-        cfg, lambda source, split, label: load_examples(source, split, tokenizer, cfg, label)
+        cfg, lambda source, split, label: load(source, split, tokenizer, cfg, label)
     )
     if len(train[0]["responses"]) != 2:
         raise UserError("dpo needs pairs (prompt/chosen/rejected), not ranked lists")

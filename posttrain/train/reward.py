@@ -68,6 +68,8 @@ def collate_ranked(examples: list[dict], spec: list[list[int]], pad_id: int) -> 
     margins = torch.tensor([row["margin"] for row in rows], dtype=torch.float32)
     batch = {"input_ids": ids, "targets": targets, "attention_mask": mask, "k": torch.tensor(k)}
     batch["margin"] = margins
+    if "label" in rows[0]:  # KTO: desirable or not
+        batch["label"] = torch.tensor([row["label"] for row in rows], dtype=torch.bool)
     if "ref_logps" in rows[0]:
         batch["ref_logps"] = torch.tensor([row["ref_logps"] for row in rows], dtype=torch.float32)
     return batch
