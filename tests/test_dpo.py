@@ -147,3 +147,19 @@ def test_kto_bad_rows_name_the_row(tiny_dir, tmp_path, capsys, row, message):
     data.write_text((json.dumps(row) + "\n") * 3)
     assert main(args(tiny_dir, data, tmp_path / "run", "loss=kto")) == 2
     assert message in capsys.readouterr().err
+
+
+def test_sft_weight_adds_the_chosen_mean_nll_to_each_pair_loss():
+    from posttrain.train.dpo import DPOConfig, pair_losses
+
+    pol = torch.tensor([[-6.0, -9.0], [-4.0, -2.0]])  # (B, 2) summed log-probs
+    count = torch.tensor([[3.0, 3.0], [2.0, 4.0]])
+    ref = torch.tensor([[-7.0, -8.0], [-4.0, -3.0]])
+    plain = DPOConfig(model="m", sft_weight=0.0)
+    rpo = DPOConfig(model="m", sft_weight=0.5)
+    base = pair_losses(plain, pol, count, ref)[0]
+    logits = 0.1 * torch.tensor([(-6 + 7) - (-9 + 8), (-4 + 4) - (-2 + 3)])
+    assert torch.allclose(base, -torch.nn.functional.logsigmoid(logits))
+    assert torch.allclose(
+        pair_losses(rpo, pol, count, ref)[0], base + 0.5 * torch.tensor([2.0, 2.0])
+    )

@@ -20,6 +20,11 @@ reuses the cache, a changed data file or model recomputes it.
 Metrics: loss, rewards_chosen/rejected (beta x log-ratio; beta x mean log-prob for the
 reference-free losses), reward accuracy and margin, and the chosen/rejected log-probs.
 
+`sft_weight` > 0 adds the chosen response's mean NLL to the pair losses: RPO (Pang et al.
+2024, "Iterative Reasoning Preference Optimization"), which keeps DPO from lowering the
+likelihood of the chosen answers; TRL: `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, w]`,
+except that TRL averages the NLL over all chosen tokens of the batch, we per response.
+
 For KTO, rewards_chosen/rejected are the mean implicit rewards of the batch's desirable and
 undesirable examples (absent when a batch has none), and `kl` is z0.
 
@@ -64,6 +69,9 @@ class DPOConfig(TrainConfig):
         0.0, "assumed label-noise rate (cdpo via loss=dpo, robust, simpo, cpo)"
     )
     gamma: float = opt(0.5, "SimPO target margin")
+    sft_weight: float = opt(
+        0.0, "weight of the chosen response's mean NLL added to dpo/robust/ipo/hinge/simpo (RPO)"
+    )
     desirable_weight: float = opt(1.0, "KTO lambda_D: weight of desirable examples")
     undesirable_weight: float = opt(1.0, "KTO lambda_U: weight of undesirable examples")
 
@@ -72,6 +80,13 @@ class DPOConfig(TrainConfig):
         check(self.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         check(self.beta > 0, "beta", "must be > 0")
         check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        check(self.sft_weight >= 0, "sft_weight", "must be >= 0")
+        no_sft = ("cpo", "orpo", "kto")
+        check(
+            not (self.sft_weight and self.loss in no_sft),
+            "sft_weight",
+            f"not used by loss={self.loss} (cpo and orpo add their own NLL term; kto is unpaired)",
+        )
         check(self.desirable_weight > 0, "desirable_weight", "must be > 0")
         check(self.undesirable_weight > 0, "undesirable_weight", "must be > 0")
 
@@ -96,6 +111,14 @@ def reference_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 def pair_losses(cfg: DPOConfig, pol: torch.Tensor, count: torch.Tensor, ref: torch.Tensor | None):
+    """Per-pair loss (plus `sft_weight` x the chosen mean NLL) and the implicit rewards."""
+    loss, chosen, rejected = preference_losses(cfg, pol, count, ref)
+    if cfg.sft_weight:
+        loss = loss - cfg.sft_weight * pol[:, 0] / count[:, 0]
+    return loss, chosen, rejected
+
+
+def preference_losses(cfg: DPOConfig, pol: torch.Tensor, count: torch.Tensor, ref):
     """Per-pair loss and the implicit rewards (chosen, rejected) for logging; (B, 2) inputs."""
     c, r = pol[:, 0], pol[:, 1]
     avg = pol / count  # (B, 2) mean log-prob per trained token
