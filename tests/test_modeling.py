@@ -185,3 +185,28 @@ def test_unusable_attention_names_the_key(folder, attention):
         pytest.skip("flash-attention may be installed on CUDA machines")
     with pytest.raises(UserError, match=f"^attn_implementation: '{attention}'"):
         load_model(config(folder, attn_implementation=attention), tiny_tokenizer())
+
+
+def test_an_adapter_run_as_model_loads_merged_into_its_base(folder, tmp_path):
+    """`model=RUN` of a LoRA run (e.g. DPO from SFT) starts from base + adapter, merged."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.modeling.inference import load_for_inference
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(folder),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+    run = tmp_path / "run"
+    peft_model.save_pretrained(run / "final")
+    load_tokenizer(config(folder)).save_pretrained(run / "final")
+    cfg = config(str(run))
+    model = load_model(cfg, load_tokenizer(cfg))
+    ids = torch.tensor([[5, 9, 17, 3]])
+    expected = peft_model.eval()(input_ids=ids).logits
+    assert torch.allclose(model.eval()(input_ids=ids).logits, expected, atol=1e-5)
+    reference, _ = load_for_inference(str(run))
+    assert torch.allclose(reference(input_ids=ids).logits, expected, atol=1e-5)
+    with pytest.raises(UserError, match="adapter"):
+        load_model(config(str(run), adapter="qlora"), load_tokenizer(cfg))

@@ -10,7 +10,6 @@ Simplified on purpose: one device (CPU unless CUDA is there), fp32 on CPU and bf
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.errors import UserError
-from posttrain.modeling.load import ensure_pad_token
+from posttrain.modeling.load import ensure_pad_token, model_folder
 
 
 def resolve_model_path(path: str) -> str:
@@ -39,8 +38,7 @@ def resolve_model_path(path: str) -> str:
 
 def adapter_base(where: str | Path) -> str | None:
     """The base model a peft adapter folder was trained on, or None for a full model folder."""
-    config = Path(where, "adapter_config.json")
-    return json.loads(config.read_text())["base_model_name_or_path"] if config.is_file() else None
+    return model_folder(str(where))[1]
 
 
 def load_for_inference(path: str, trust_remote_code: bool = False):

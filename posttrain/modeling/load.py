@@ -6,6 +6,11 @@
 `adapter=qlora`, grows the embeddings to the tokenizer, turns on activation checkpointing when
 `gradient_checkpointing` is set and turns off the KV cache (training needs no cache).
 
+`cfg.model` may also be a posttrain run directory or a peft adapter folder (e.g. the SFT run
+a DPO or reward run starts from): the tokenizer comes from that folder and the adapter is
+merged into its base (`adapter_config.json` names it) before the new adapter is applied, so
+"the reference" of a later adapter run is the merged model.
+
 Simplified on purpose:
 - chat templates are not touched here (`posttrain.data.chat` owns them);
 - new embedding rows (input and output) start at the mean of the existing rows, with no
@@ -17,10 +22,12 @@ Simplified on purpose:
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import is_flash_attn_2_available
 
@@ -87,10 +94,23 @@ def model_error(cfg: Any, attention: str, exc: Exception) -> Exception:
 # ----------------------------------------------------------------------------- tokenizer
 
 
+def model_folder(name: str) -> tuple[str, str | None]:
+    """(folder or hub id to load, the adapter's base or None): a run dir becomes its final/."""
+    path = Path(name).expanduser()
+    if (path / "final").is_dir():
+        path = path / "final"
+    if not path.is_dir():
+        return name, None  # a hub id, or a missing folder that from_pretrained reports
+    config = path / "adapter_config.json"
+    return str(path), json.loads(config.read_text())[
+        "base_model_name_or_path"
+    ] if config.is_file() else None
+
+
 def load_tokenizer(cfg: Any):
     """The tokenizer of `cfg.model`, with a pad token and `cfg.new_tokens` added."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, **hub_kwargs(cfg))
+        tokenizer = AutoTokenizer.from_pretrained(model_folder(cfg.model)[0], **hub_kwargs(cfg))
     except (OSError, ValueError) as exc:
         raise cannot_load(cfg.model, exc) from None
     ensure_pad_token(tokenizer)
@@ -135,14 +155,19 @@ def load_model(cfg: Any, tokenizer, auto_class=AutoModelForCausalLM) -> torch.nn
         kwargs["quantization_config"] = nf4_config(dtype)
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
+    where, base = model_folder(cfg.model)
+    if base and cfg.adapter == "qlora":
+        raise UserError(f"model: {where} is an adapter; merge it into a full model for QLoRA")
     try:
         if auto_class is not AutoModelForCausalLM:
             kwargs.update(num_labels=1, pad_token_id=tokenizer.pad_token_id)
-        model = auto_class.from_pretrained(cfg.model, **kwargs)
+        model = auto_class.from_pretrained(base or where, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise model_error(cfg, kwargs["attn_implementation"], exc) from None
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         resize_embeddings(model, len(tokenizer))
+    if base:
+        model = PeftModel.from_pretrained(model, where).merge_and_unload()
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     model.config.use_cache = False
