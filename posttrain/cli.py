@@ -44,6 +44,11 @@ TOOLS = {
         "write the tiny world's datasets or pretrain its base",
     ),
     "demo": ("posttrain.demo", "main", "the whole story on the tiny world, with a report"),
+    "merge": (
+        "posttrain.ship.merge",
+        "main",
+        "merge fine-tunes (mergekit YAML) or fold an adapter into its base",
+    ),
 }
 
 
