@@ -192,9 +192,12 @@ def load_scorer(path: str):
 
 
 @torch.no_grad()
-def score(model, tokenizer, rows: list[dict], batch_size: int = 32, max_length: int = 2048):
-    """Rewards of (prompt, completion) rows (strings or message lists), in order."""
-    items = [(f"row {n}", r["prompt"], r["completion"]) for n, r in enumerate(rows, 1)]
+def score(
+    model, tokenizer, rows: list[dict], batch_size: int = 32, max_length: int = 2048, first: int = 1
+):
+    """Rewards of (prompt, completion) rows (strings or message lists), in order; errors name
+    the row counting from `first`."""
+    items = [(f"row {n}", r["prompt"], r["completion"]) for n, r in enumerate(rows, first)]
     encoded = encode_responses(items, tokenizer, max_length)
     for (where, _, _), e in zip(items, encoded):
         if e is None:
@@ -202,11 +205,13 @@ def score(model, tokenizer, rows: list[dict], batch_size: int = 32, max_length: 
                 f"{where}: nothing of the completion is left within {max_length} tokens"
             )
     examples = [{"responses": [e], "margin": 0.0} for e in encoded]
+    device = next(model.parameters()).device
     out = []
     for start in range(0, len(examples), batch_size):
         chunk = [[i] for i in range(start, min(start + batch_size, len(examples)))]
         batch = collate_ranked(examples, chunk, tokenizer.pad_token_id)
-        out += rewards_of(model, batch)[:, 0].tolist()
+        with torch.no_grad():
+            out += rewards_of(model, {k: v.to(device) for k, v in batch.items()})[:, 0].tolist()
     return out
 
 

@@ -1,0 +1,147 @@
+"""posttrain.rollout.sampler on tiny random models: HF greedy parity, exact log-probs, stopping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from posttrain.evaluate.generate import generate_ids, stop_token_ids
+from posttrain.rollout import encode_prompts, sample
+from posttrain.rollout.sampler import filter_logits
+from tests.tiny import tiny_model, tiny_tokenizer
+
+PROMPTS = [
+    "The quick brown fox",
+    "What is 12 plus 30? It is",
+    "Paris is the capital of France. Berlin is",
+    "Hello!",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer("chatml")
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model(request, tok):
+    return tiny_model(request.param, vocab_size=len(tok)).eval()
+
+
+def run(model, tok, prompts=PROMPTS, **kw):
+    kw.setdefault("max_new_tokens", 12)
+    ids = encode_prompts(tok, prompts, chat=False)
+    return sample(model, ids, pad_token_id=tok.pad_token_id, tokenizer=tok, **kw)
+
+
+def real(ids, mask):
+    """The real tokens of each row (right- or left-padded) as lists."""
+    return [[t for t, m in zip(row, ms) if m] for row, ms in zip(ids.tolist(), mask.tolist())]
+
+
+def test_greedy_equals_hf_generate(model, tok):
+    stops = stop_token_ids(tok)
+    ours = run(model, tok, temperature=0, eos_token_ids=stops)
+    hf = generate_ids(model, tok, PROMPTS, max_new_tokens=12, chat=False)
+    assert real(ours.completion_ids, ours.completion_mask) == [new for _, new in hf]
+    assert real(ours.prompt_ids, ours.prompt_mask) == [p for p, _ in hf]
+
+
+def full_sequence_logprobs(model, rollout, temperature):
+    """log softmax(forward(prompt + completion) / T) at the completion tokens, (B, T)."""
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    P = rollout.prompt_ids.shape[1]
+    logp = torch.log_softmax(logits[:, P - 1 : -1].float() / temperature, -1)
+    return logp.gather(-1, rollout.completion_ids[..., None])[..., 0]
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (7, 0.9)])
+def test_logprobs_equal_a_full_forward(model, tok, top_k, top_p):
+    T = 0.7
+    gen = torch.Generator().manual_seed(0)
+    r = run(model, tok, temperature=T, top_k=top_k, top_p=top_p, generator=gen)
+    want = full_sequence_logprobs(model, r, T)
+    m = r.completion_mask.bool()
+    assert torch.allclose(r.logprobs[m], want[m], atol=1e-5)
+    assert (r.logprobs[~m] == 0).all()
+
+
+def test_top_k_top_p_filter_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda out: torch.isfinite(out)[0].tolist()  # noqa: E731
+    assert kept(filter_logits(logits, top_k=2)) == [True, True, False, False]
+    assert kept(filter_logits(logits, top_p=0.8)) == [True, True, False, False]
+    assert kept(filter_logits(logits, top_p=0.81)) == [True, True, True, False]
+    assert kept(filter_logits(logits, top_p=0.1)) == [True, False, False, False]
+
+
+def test_sampled_tokens_stay_inside_top_k(model, tok):
+    gen = torch.Generator().manual_seed(1)
+    r = run(model, tok, temperature=1.0, top_k=1, generator=gen)
+    greedy = run(model, tok, temperature=0)
+    assert torch.equal(r.completion_ids, greedy.completion_ids)
+
+
+def test_same_seed_same_samples(model, tok):
+    def draw(seed):
+        return run(model, tok, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = draw(5), draw(5), draw(6)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+    # resume: a generator restored from a saved state continues identically
+    gen = torch.Generator().manual_seed(5)
+    run(model, tok, temperature=1.0, generator=gen)
+    state = gen.get_state()
+    second = run(model, tok, temperature=1.0, generator=gen)
+    resumed = run(model, tok, temperature=1.0, generator=torch.Generator().set_state(state))
+    assert torch.equal(second.completion_ids, resumed.completion_ids)
+
+
+def test_eos_mask_and_ended(model, tok):
+    free = run(model, tok, temperature=0)
+    assert not free.ended.any() and free.completion_mask.all()
+    eos = int(free.completion_ids[0, 2])  # pretend the 3rd greedy token of row 0 is EOS
+    r = run(model, tok, temperature=0, eos_token_ids=[eos])
+    for row in range(len(PROMPTS)):
+        greedy = free.completion_ids[row].tolist()
+        cut = greedy.index(eos) + 1 if eos in greedy else len(greedy)
+        n = int(r.completion_mask[row].sum())
+        assert n == cut
+        assert r.completion_ids[row, :n].tolist() == greedy[:cut]
+        assert r.completion_mask[row, n:].sum() == 0 and (r.logprobs[row, n:] == 0).all()
+        assert (r.completion_ids[row, n:] == tok.pad_token_id).all()
+        assert bool(r.ended[row]) == (eos in greedy)
+    assert r.ended[0] and int(r.completion_mask[0].sum()) <= 3
+
+
+def test_stop_strings_cut(model, tok):
+    free = run(model, tok, temperature=0)
+    text = tok.decode(free.completion_ids[1].tolist())
+    stop = text[4:7]  # three characters in the middle of row 1's greedy completion
+    r = run(model, tok, temperature=0, stop_strings=[stop])
+    assert r.ended[1]
+    ids = r.completion_ids[1, : int(r.completion_mask[1].sum())].tolist()
+    assert stop in tok.decode(ids) and stop not in tok.decode(ids[:-1])
+    assert ids == free.completion_ids[1, : len(ids)].tolist()
+
+
+def test_batched_equals_one_by_one(model, tok):
+    batch = run(model, tok, temperature=0)
+    for row, prompt in enumerate(PROMPTS):
+        one = run(model, tok, [prompt], temperature=0)
+        assert torch.equal(one.completion_ids[0], batch.completion_ids[row])
+        assert torch.allclose(one.logprobs[0], batch.logprobs[row], atol=1e-5)
+
+
+def test_chat_prompts_and_texts(tok):
+    model = tiny_model("qwen2", vocab_size=len(tok))
+    ids = encode_prompts(tok, ["Hello!", [{"role": "user", "content": "Hi"}]])
+    assert tok.decode(ids[0]).endswith("<|im_start|>assistant\n")
+    r = sample(model, ids, pad_token_id=tok.pad_token_id, max_new_tokens=4, temperature=0)
+    assert len(r.completions(tok)) == 2 and r.completion_ids.shape == (2, 4)
