@@ -210,3 +210,21 @@ def test_an_adapter_run_as_model_loads_merged_into_its_base(folder, tmp_path):
     assert torch.allclose(reference(input_ids=ids).logits, expected, atol=1e-5)
     with pytest.raises(UserError, match="adapter"):
         load_model(config(str(run), adapter="qlora"), load_tokenizer(cfg))
+
+    # a second adapter trained on the merged model records that run as its base: chains load
+    second = get_peft_model(
+        model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    second.save_pretrained(tmp_path / "run2" / "final")
+    load_tokenizer(cfg).save_pretrained(tmp_path / "run2" / "final")
+    assert load.model_folder(str(tmp_path / "run2"))[1] == str(run / "final")
+    chained, _ = load_for_inference(str(tmp_path / "run2"))
+    assert torch.allclose(
+        chained(input_ids=ids).logits, second.eval()(input_ids=ids).logits, atol=1e-5
+    )
+    from transformers import AutoModelForSequenceClassification  # a reward model from an SFT run
+
+    scorer = load_model(cfg, load_tokenizer(cfg), AutoModelForSequenceClassification)
+    assert torch.equal(
+        scorer.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight
+    )

@@ -13,11 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.errors import UserError
-from posttrain.modeling.load import ensure_pad_token, model_folder
+from posttrain.modeling.load import ensure_pad_token, merged_chain, model_folder
 
 
 def resolve_model_path(path: str) -> str:
@@ -46,15 +45,17 @@ def load_for_inference(path: str, trust_remote_code: bool = False):
     where = resolve_model_path(path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base = adapter_base(where)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(base or where, **kwargs)
-        if base:
+
+        def load_full(name: str) -> torch.nn.Module:
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
             if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
                 model.resize_token_embeddings(len(tokenizer))
-            model = PeftModel.from_pretrained(model, where).merge_and_unload()
+            return model
+
+        model = merged_chain(where, load_full)
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot load the model: {str(exc).splitlines()[0]}") from None
     ensure_pad_token(tokenizer)

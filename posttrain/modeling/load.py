@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import is_flash_attn_2_available
 
@@ -107,6 +107,28 @@ def model_folder(name: str) -> tuple[str, str | None]:
     ] if config.is_file() else None
 
 
+def merged_chain(where: str, load_full, depth: int = 0) -> torch.nn.Module:
+    """The model at `where`: `load_full(where)` for a full model, else its adapter merged into
+    its base, loaded the same way (so SFT -> DPO -> ... chains of adapter runs load).
+
+    The merged model remembers `where` as its name, so an adapter trained on it records it as
+    its base. The adapter is loaded without its task type, so a causal-LM adapter also merges
+    into a sequence-classification model of the same base (a reward model from an SFT run).
+    """
+    where, base = model_folder(where)
+    if base is None:
+        return load_full(where)
+    if depth > 8:
+        raise UserError(f"model: {where}: more than 8 adapters chained (a cycle?)")
+    model = merged_chain(base, load_full, depth + 1)
+    config = PeftConfig.from_pretrained(where)
+    config.task_type = None
+    model = PeftModel.from_pretrained(model, where, config=config).merge_and_unload()
+    model.config._name_or_path = where
+    model.name_or_path = where
+    return model
+
+
 def load_tokenizer(cfg: Any):
     """The tokenizer of `cfg.model`, with a pad token and `cfg.new_tokens` added."""
     try:
@@ -158,16 +180,19 @@ def load_model(cfg: Any, tokenizer, auto_class=AutoModelForCausalLM) -> torch.nn
     where, base = model_folder(cfg.model)
     if base and cfg.adapter == "qlora":
         raise UserError(f"model: {where} is an adapter; merge it into a full model for QLoRA")
-    try:
-        if auto_class is not AutoModelForCausalLM:
-            kwargs.update(num_labels=1, pad_token_id=tokenizer.pad_token_id)
-        model = auto_class.from_pretrained(base or where, **kwargs)
-    except (OSError, ValueError, ImportError) as exc:
-        raise model_error(cfg, kwargs["attn_implementation"], exc) from None
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        resize_embeddings(model, len(tokenizer))
-    if base:
-        model = PeftModel.from_pretrained(model, where).merge_and_unload()
+    if auto_class is not AutoModelForCausalLM:
+        kwargs.update(num_labels=1, pad_token_id=tokenizer.pad_token_id)
+
+    def load_full(name: str) -> torch.nn.Module:
+        try:
+            model = auto_class.from_pretrained(name, **kwargs)
+        except (OSError, ValueError, ImportError) as exc:
+            raise model_error(cfg, kwargs["attn_implementation"], exc) from None
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            resize_embeddings(model, len(tokenizer))
+        return model
+
+    model = merged_chain(where, load_full)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     model.config.use_cache = False

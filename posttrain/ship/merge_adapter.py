@@ -18,12 +18,13 @@ import sys
 from pathlib import Path
 
 import torch
-from peft import PeftConfig, PeftModel
+from peft import PeftConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir
 from posttrain.modeling.inference import adapter_base, resolve_model_path
+from posttrain.modeling.load import merged_chain
 
 FOLD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FOLD_KEYS = ("adapter", "output_dir", "dtype", "max_shard_size")
@@ -44,11 +45,14 @@ def fold_adapter(
     if PeftConfig.from_pretrained(where).is_prompt_learning:
         raise UserError(f"{adapter}: prompt-learning adapters (prefix, prompt) cannot be folded")
     tokenizer = AutoTokenizer.from_pretrained(where if has_tokenizer(where) else base)
-    model = load_base(base)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
-    model = PeftModel.from_pretrained(model, where).merge_and_unload()
-    model = model.to(FOLD_DTYPES[dtype])
+
+    def load_full(name: str) -> torch.nn.Module:
+        model = load_base(name)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        return model
+
+    model = merged_chain(where, load_full).to(FOLD_DTYPES[dtype])  # a chain of adapters too
     with atomic_dir(output_dir) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
