@@ -44,6 +44,11 @@ TOOLS = {
         "write the tiny world's datasets or pretrain its base",
     ),
     "demo": ("posttrain.demo", "main", "the whole story on the tiny world, with a report"),
+    "serve": (
+        "posttrain.serve.cli",
+        "main",
+        "serve a model (+ LoRA adapters) on an OpenAI-compatible /v1 API",
+    ),
     "merge": (
         "posttrain.ship.merge",
         "main",
