@@ -44,6 +44,11 @@ TOOLS = {
         "write the tiny world's datasets or pretrain its base",
     ),
     "demo": ("posttrain.demo", "main", "the whole story on the tiny world, with a report"),
+    "export": (
+        "posttrain.ship.export",
+        "main",
+        "export a model/run/adapter to safetensors, GGUF or Ollama, verified",
+    ),
     "serve": (
         "posttrain.serve.cli",
         "main",
