@@ -19,10 +19,10 @@ demo: install
 	$(BIN)/posttrain demo
 
 test: install
-	$(BIN)/ruff check posttrain tests benchmarks
-	$(BIN)/ruff format --check posttrain tests benchmarks
+	$(BIN)/ruff check posttrain tests benchmarks evidence
+	$(BIN)/ruff format --check posttrain tests benchmarks evidence
 	OMP_NUM_THREADS=1 $(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff check --fix posttrain tests benchmarks
-	$(BIN)/ruff format posttrain tests benchmarks
+	$(BIN)/ruff check --fix posttrain tests benchmarks evidence
+	$(BIN)/ruff format posttrain tests benchmarks evidence

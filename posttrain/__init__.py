@@ -27,6 +27,13 @@ def reward(cfg):
     return run(cfg)
 
 
+def grpo(cfg):
+    """Online RL with group advantages; `cfg` is a `GRPOConfig` or a dict (`posttrain grpo --help`)."""
+    from posttrain.train.grpo import grpo as run
+
+    return run(cfg)
+
+
 def evaluate_model(model: str, **kwargs):
     """Evaluate a model folder or run on the tiny world; keys as in `posttrain eval --help`."""
     from posttrain.config import build_config

@@ -27,6 +27,12 @@ TRAINING = {
         "dpo",
         "direct preference optimisation: dpo, robust, ipo, hinge, simpo, cpo, orpo, kto",
     ),
+    "grpo": (
+        "posttrain.train.grpo",
+        "GRPOConfig",
+        "grpo",
+        "online RL with group advantages: GRPO, RLOO, Dr. GRPO (verifiable rewards or a reward model)",
+    ),
     "reward": (
         "posttrain.train.reward",
         "RewardConfig",

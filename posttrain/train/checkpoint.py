@@ -4,7 +4,9 @@ A checkpoint holds what is needed to continue bit-exactly: the trainable paramet
 optimizer state (tensors in safetensors, hyper-parameters in JSON), the RNG states of every
 rank (dropout draws differ between ranks) and the loop position (step and micro-batch
 counter; the data order is a pure function of the seed and epoch, and the learning rate a
-pure function of the step, so neither needs storing). No pickle anywhere.
+pure function of the step, so neither needs storing), plus any tensors a method keeps between
+steps (`job.safetensors`, per rank: e.g. GRPO's sampler generator and its current rollout).
+No pickle anywhere.
 
 Tensors are always full (unsharded): under FSDP the loop gathers parameters and optimizer
 state onto rank 0 first, and then the optimizer state is keyed by parameter name (FQN)
@@ -52,11 +54,13 @@ def save(
     loop_state: dict[str, Any],
     keep: int,
     rngs: list[dict[str, Any]] | None = None,
+    job_states: list[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write `checkpoints/step-{step}` atomically and prune all but the newest `keep`.
 
     `optimizer_state` is an optimizer `state_dict()` (full tensors); `rngs` holds one
-    `rng_state()` per rank, in rank order (default: this process's).
+    `rng_state()` per rank, in rank order (default: this process's); `job_states` one dict of
+    tensors per rank from the method (`Job.state`), or None when it keeps none.
     """
     path = Path(output_dir) / "checkpoints" / f"step-{step}"
     rngs = rngs or [rng_state()]
@@ -69,6 +73,8 @@ def save(
             prefix = f"rank{rank}." if rank else ""  # rank 0 keeps the single-process names
             rng.update({prefix + k: v for k, v in state.items() if k != "python"})
         save_file(rng, tmp / "rng.safetensors")
+        if job_states is not None:
+            save_file(_contiguous(by_rank(job_states)), tmp / "job.safetensors")
         python_rng = [state["python"] for state in rngs]
         state = dict(loop_state, step=step, optimizer=opt_meta, python_rng=python_rng[0])
         if len(rngs) > 1:
@@ -95,6 +101,25 @@ def load(path: Path, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict, dict
         python_rng = ranks[rank]
     restore_rng(rng, python_rng)
     return load_file(path / "trainable.safetensors"), optimizer_state, state
+
+
+def by_rank(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One flat dict: rank 0's keys as they are, rank r's prefixed `rank{r}.`."""
+    return {(f"rank{r}." if r else "") + k: v for r, s in enumerate(states) for k, v in s.items()}
+
+
+def load_job_state(path: Path, rank: int = 0) -> dict[str, torch.Tensor]:
+    """This rank's `job.safetensors` tensors ({} when the checkpoint has none; a rank the
+    checkpoint has nothing for takes rank 0's, as the RNG does)."""
+    file = path / "job.safetensors"
+    if not file.is_file():
+        return {}
+    flat = load_file(file)
+    prefix = f"rank{rank}."
+    mine = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+    if rank and mine:
+        return mine
+    return {k: v for k, v in flat.items() if not re.match(r"^rank\d+\.", k)}
 
 
 def flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -18,7 +18,8 @@ pads the shorter ranks with a spare batch, and Ctrl-C writes no checkpoint (the 
 stopped in the middle of different collectives).
 
 Simplified on purpose: one optimizer (AdamW), the schedule is a pure function of the step,
-and the data order a pure function of (seed, epoch), so resuming needs only counters.
+and the data order a pure function of (seed, epoch), so resuming needs only counters (plus
+the tensors a method with state between steps hands over: `Job.state` / `Job.load_state`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ class Job:
     eval_collate: Callable[[Any], Batch] | None = None  # eval spec -> tensors
     trainable: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None
     load_trainable: Callable[[torch.nn.Module, dict[str, torch.Tensor]], None] | None = None
+    # Methods with state between steps (GRPO's sampler and rollout): metrics the method adds at
+    # the end of each step, and its tensors as of the last finished step, saved per rank in
+    # checkpoints and handed back on resume.
+    after_step: Callable[[], dict[str, float]] | None = None
+    state: Callable[[], dict[str, torch.Tensor]] | None = None
+    load_state: Callable[[dict[str, torch.Tensor]], None] | None = None
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -160,6 +167,8 @@ class Loop:
         out = {"loss": total_loss / max(total_units, 1.0), "lr": lr, "grad_norm": grad_norm}
         out.update({k: v / max(sum(units), 1) for k, v in sums.items()})
         out["tokens"] = dist.sum_scalar(tokens, self.device)
+        if self.job.after_step:
+            out.update(self.job.after_step())
         return out
 
     def clip(self) -> float:
@@ -216,10 +225,13 @@ class Loop:
         else:
             optimizer_state = self.optimizer.state_dict() if dist.is_main() else {}
         rngs = dist.gather_objects(checkpoint.rng_state())
+        jobs = dist.gather_objects(self.job.state()) if self.job.state else None
         if dist.is_main():
             loop_state = {"micro": self.micro, "total": self.total}
             keep = self.cfg.keep_checkpoints
-            checkpoint.save(self.out, self.step, state, optimizer_state, loop_state, keep, rngs)
+            checkpoint.save(
+                self.out, self.step, state, optimizer_state, loop_state, keep, rngs, jobs
+            )
         dist.barrier()
 
     def resume(self) -> bool:
@@ -240,6 +252,8 @@ class Loop:
                     for name, value in params.items():
                         named[name].copy_(value)
         self.step, self.micro = state["step"], state["micro"]
+        if self.job.load_state:
+            self.job.load_state(checkpoint.load_job_state(path, self.rank))
         return True
 
     def load_sharded(self, params: dict[str, torch.Tensor], optimizer_state: dict) -> None:

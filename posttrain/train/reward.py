@@ -174,21 +174,22 @@ def reward(cfg: RewardConfig | dict) -> dict[str, float]:
 
 
 def load_scorer(path: str):
-    """(model, tokenizer) of a trained reward model: a full folder, an adapter, or a run."""
-    from peft import PeftModel
+    """(model, tokenizer) of a trained reward model: a full folder, an adapter, or a run (an
+    adapter whose base is itself an adapter run, e.g. an SFT run, is merged down the chain)."""
     from transformers import AutoTokenizer
 
-    from posttrain.modeling.inference import adapter_base, resolve_model_path
+    from posttrain.modeling.inference import resolve_model_path
+    from posttrain.modeling.load import merged_chain
 
     where = resolve_model_path(path)
     tokenizer = AutoTokenizer.from_pretrained(where)
-    base = adapter_base(where)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base or where, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32
-    )
-    if base:
-        model = PeftModel.from_pretrained(model, where).merge_and_unload()
-    return model.eval(), tokenizer
+
+    def load_full(name: str) -> torch.nn.Module:
+        return AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32
+        )
+
+    return merged_chain(where, load_full).eval(), tokenizer
 
 
 @torch.no_grad()
