@@ -89,7 +89,10 @@ def total_steps(cfg: TrainConfig, micro_per_epoch: int) -> int:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    fused = all(p.is_cuda for p in params) and bool(params)
+    """AdamW, fused (one kernel over all tensors: several times faster on CPU too) when every
+    parameter is a plain floating tensor on one device type; sharded (DTensor) ones use foreach."""
+    plain = all(type(p) is torch.nn.Parameter and p.is_floating_point() for p in params)
+    fused = bool(params) and plain and len({p.device.type for p in params}) == 1
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
