@@ -60,6 +60,11 @@ TOOLS = {
         "main",
         "serve a model (+ LoRA adapters) on an OpenAI-compatible /v1 API",
     ),
+    "abliterate": (
+        "posttrain.steer.cli",
+        "main",
+        "find a behaviour's direction (refusal) and erase it: report, directions, edited model",
+    ),
     "merge": (
         "posttrain.ship.merge",
         "main",

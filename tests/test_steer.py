@@ -215,11 +215,16 @@ def test_mean_activations_match_hidden_states_per_prompt():
         text = tok.apply_chat_template([{"role": "user", "content": p}],
                                        tokenize=False, add_generation_prompt=True)  # fmt: skip
         one = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        last: list = []  # the last block's output, before the final norm
+        h = model.model.layers[-1].register_forward_hook(lambda m, a, o, last=last: last.append(o))
         with torch.no_grad():
             hs = model(input_ids=one, output_hidden_states=True).hidden_states
-        for layer in range(means.shape[0]):  # hidden_states[l] is the input of block l
+        h.remove()
+        for layer in range(2):  # hidden_states[l] is the input of block l
             expected[layer] += hs[layer][0, -k:] / len(prompts)
-    assert means.shape == (2, k, 64)
+        out = last[0][0] if isinstance(last[0], tuple) else last[0]
+        expected[2] += out[0, -k:] / len(prompts)
+    assert means.shape == (3, k, 64)
     torch.testing.assert_close(means, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -279,8 +284,40 @@ def test_first_token_counts_and_candidate_scores():
     tok, model = tiny_tokenizer("chatml"), make_model("llama")
     harmful, harmless = ["Translate cheese.", "Reverse stone."], ["Hello!", "What is 12?"]
     dirs, norms = compute_directions(model, tok, harmful, harmless)
-    assert dirs.shape[:2] == norms.shape and dirs.shape[0] == 2
+    assert dirs.shape[:2] == norms.shape and dirs.shape[0] == 3  # 2 block inputs + the output
     assert float(norms[0].max()) == 0.0  # layer 0: the same template tokens in both sets
     cands = score_candidates(model, tok, dirs, norms, harmful, harmless, [5, 7], skip_last=0.0)
-    assert {(c.layer, c.position) for c in cands} == {(1, p) for p in range(-dirs.shape[1], 0)}
+    positions = range(-dirs.shape[1], 0)
+    assert {(c.layer, c.position) for c in cands} == {(lay, p) for lay in (1, 2) for p in positions}
     assert all(c.kl >= 0 for c in cands)
+    pinned = score_candidates(model, tok, dirs, norms, harmful, harmless, [5], layers=[2],
+                              positions=[-1])  # fmt: skip
+    assert [(c.layer, c.position) for c in pinned] == [(2, -1)]
+
+
+def test_candidate_layers_skip_the_last_fifth_of_blocks():
+    from posttrain.steer.abliterate import candidate_layers
+
+    assert candidate_layers(5, 4, 0.2) == [0, 1, 2, 3, 4]  # 4 blocks: floor(0.8) = 0 skipped
+    assert candidate_layers(33, 32, 0.2) == list(range(27))  # 32 blocks: 6 skipped
+    assert candidate_layers(3, 2, 0.9) == [0, 1]
+
+
+def test_activation_addition_at_the_final_stream_point():
+    model, ids = make_model("llama"), inputs()
+    layout, r = discover(model), direction(model)
+    seen = []
+    h = layout.blocks[-1].register_forward_hook(lambda m, a, o: seen.append(o))
+    with activation_addition(model, r, 2.5, len(layout.blocks), layout):
+        h2 = model.model.norm.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        logits(model, ids)
+        h2.remove()
+    h.remove()
+    block_out = seen[0][0] if isinstance(seen[0], tuple) else seen[0]
+    torch.testing.assert_close((seen[1] - block_out) @ r, torch.full(block_out.shape[:2], 2.5),
+                               atol=1e-4, rtol=0)  # fmt: skip
+    with (
+        pytest.raises(ValueError, match="out of range"),
+        activation_addition(model, r, 1.0, len(layout.blocks) + 1, layout),
+    ):
+        pass

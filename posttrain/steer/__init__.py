@@ -11,4 +11,7 @@ induces them. The same machinery works for any behaviour that lives along a dire
 - `interventions.py`  (a) directional-ablation hooks, (b) weight orthogonalisation (optionally
                       norm-preserving), (c) activation addition, (d) the weight edit as a LoRA adapter
 - `abliterate.py`     candidate directions scored by refusal and KL; the chosen one
+- `prompts.py`        contrastive prompt sets: read (data files or text), check, split
+- `evaluation.py`     before/after numbers (refusals, induced refusals, KL, accuracy), scores plot
+- `cli.py`            `posttrain abliterate`: the whole pipeline into one atomic run folder
 """

@@ -6,9 +6,10 @@
    (the activation-addition coefficient, as the paper adds the unnormalised difference).
 2. `refusal_first_tokens`: the refusal first tokens are read off the model's own refusals:
    greedy replies to harmful prompts that contain a refusal marker, and their first tokens,
-   most frequent first (never a hard-coded list).
-3. `score_candidates`: for each candidate outside the last `skip_last` fraction of layers
-   (and with a non-zero difference: at layer 0 the post-instruction tokens are the same
+   most frequent first (never a hard-coded list; empty when the model never refuses).
+3. `score_candidates`: for each candidate outside the last `floor(skip_last * blocks)` stream
+   points (`candidate_layers`; the stream points are the L block inputs and the last block's
+   output, so a model under 5 layers skips none) and with a non-zero difference: at layer 0 the post-instruction tokens are the same
    template tokens in both sets, so there is no direction), on validation prompts:
    - `ablated_refusal`: mean first-token refusal log-odds on harmful prompts with the
      direction ablated everywhere (lower is better);
@@ -33,7 +34,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from posttrain.errors import UserError
 from posttrain.evaluate.generate import Prompt, generate_ids, last_logits
 from posttrain.evaluate.kl import kl_rows
 from posttrain.evaluate.refusal import log_odds
@@ -89,27 +89,27 @@ def refusal_first_tokens(
     min_share: float = 0.05,
     batch_size: int = 64,
 ) -> tuple[list[int], float]:
-    """(first token ids of the model's refusals, most frequent first; baseline refusal rate).
+    """(first token ids of the model's refusals, most frequent first; refusal rate).
 
-    Ids that open fewer than `min_share` of the refusals are dropped. UserError when the
-    model never refuses these prompts (nothing to remove).
+    Ids that open fewer than `min_share` of the refusals are dropped. The list is empty when
+    the model refuses none of `harmful` (the caller decides whether that is an error).
     """
     pairs = generate_ids(model, tok, harmful, max_new_tokens, batch_size)
     replies = [new for _, new in pairs]
     refused = [is_refusal(tok.decode(ids, skip_special_tokens=True)) for ids in replies]
     rate = sum(refused) / max(len(refused), 1)
     counts = first_token_counts(replies, refused)
-    if not counts:
-        raise UserError(
-            f"the model refuses none of the {len(harmful)} harmful prompts (refusal rate 0.0); "
-            "nothing to abliterate"
-        )
     total = sum(counts.values())
     return [t for t, c in counts.most_common() if c >= min_share * total], rate
 
 
 def _mean_refusal(model, tok, prompts, refusal_ids, batch_size) -> float:
     return float(log_odds(last_logits(model, tok, prompts, batch_size), refusal_ids).mean())
+
+
+def candidate_layers(n_points: int, n_blocks: int, skip_last: float = 0.2) -> list[int]:
+    """Stream points to search: all but the last floor(skip_last * n_blocks) (at least one)."""
+    return list(range(max(1, n_points - math.floor(skip_last * n_blocks))))
 
 
 def score_candidates(
@@ -123,14 +123,20 @@ def score_candidates(
     skip_last: float = 0.2,
     batch_size: int = 64,
     layout: ResidualLayout | None = None,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
 ) -> list[Candidate]:
-    """Validation scores of every candidate in the first (1 - skip_last) of the layers."""
+    """Validation scores of every candidate (see the module doc); `layers` / `positions`
+    (negative indices) restrict the search, e.g. to a pinned one."""
     layout = layout or discover(model)
-    n_layers, n_positions = directions.shape[:2]
+    n_points, n_positions = directions.shape[:2]
+    if layers is None:
+        layers = candidate_layers(n_points, len(layout.blocks), skip_last)
+    positions = [p % n_positions for p in positions] if positions else range(n_positions)
     base = last_logits(model, tok, harmless_val, batch_size)
     out, floor = [], 1e-6 * float(norms.max())
-    for layer in range(max(1, math.floor(n_layers * (1 - skip_last)))):
-        for pos in range(n_positions):
+    for layer in layers:
+        for pos in positions:
             if float(norms[layer, pos]) <= floor:  # e.g. layer 0: same template tokens, no signal
                 continue
             r = directions[layer, pos]

@@ -1,4 +1,4 @@
-"""Mean residual-stream activations at the post-instruction positions, at every layer.
+"""Mean residual-stream activations at the post-instruction positions, at every stream point.
 
 Prompts go through the chat template with the generation prompt, as a chat user would send
 them. The post-instruction positions are the template tokens after the user's message up to
@@ -7,12 +7,15 @@ the end of the generation prompt (ChatML: `<|im_end|>`, `\\n`, `<|im_start|>`, `
 prompt are read. Batches are left-padded (`evaluate.generate.encode_batches`), so those are
 the last columns of every row.
 
-Layer indexing: activation[l] is the residual stream entering block l, captured by a forward
-pre-hook on the block (Arditi et al.'s resid_pre). With `output_hidden_states=True` the same
-tensor is `hidden_states[l]`: hidden_states[0] is the embedding output (already scaled for
-Gemma, with position embeddings for GPT-2) and hidden_states[i+1] is block i's output, while
-the last entry has the final norm applied in some models. We hook instead and never read that
-last entry. The forward stops at the last block's input, so no logits are computed.
+Layer indexing: activation[l] for l < L is the residual stream entering block l, captured by a
+forward pre-hook on the block (Arditi et al.'s resid_pre); activation[L] is the last block's
+output, before the final norm (the stream the unembedding reads), captured by a forward hook.
+With `output_hidden_states=True` the first L are `hidden_states[l]`: hidden_states[0] is the
+embedding output (already scaled for Gemma, with position embeddings for GPT-2) and
+hidden_states[i+1] is block i's output, while the last entry has the final norm applied in
+some models, which is why we hook instead. The forward stops after the last block, so no
+logits are computed. The final point matters in very shallow models (the tiny world's four
+layers) where the last block itself reads the behaviour off the prompt and writes it.
 
 Memory: only running fp64 sums of shape (layers, positions, hidden) are kept, never the
 activations of all prompts. Simplified on purpose: the same number of positions for every
@@ -34,7 +37,7 @@ SENTINEL = "XYZZY"
 
 
 class _StopForward(Exception):
-    """Raised by the last block's pre-hook: nothing after it is needed."""
+    """Raised by the last block's forward hook: nothing after it is needed."""
 
 
 def post_instruction_length(tok) -> int:
@@ -44,12 +47,21 @@ def post_instruction_length(tok) -> int:
     return max(1, len(tok(suffix, add_special_tokens=False)["input_ids"]))
 
 
-def _capture_hook(sums: torch.Tensor, layer: int, positions: int, stop: bool):
+def _add_to(sums: torch.Tensor, layer: int, positions: int, x: torch.Tensor) -> None:
+    sums[layer] += x[:, -positions:, :].double().sum(0).cpu()  # (B, T, d) -> (P, d)
+
+
+def _input_hook(sums: torch.Tensor, layer: int, positions: int):
     def hook(module, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]  # (B, T, d)
-        sums[layer] += x[:, -positions:, :].double().sum(0).cpu()  # (P, d)
-        if stop:
-            raise _StopForward
+        _add_to(sums, layer, positions, args[0] if args else kwargs["hidden_states"])
+
+    return hook
+
+
+def _output_hook(sums: torch.Tensor, layer: int, positions: int):
+    def hook(module, args, output):
+        _add_to(sums, layer, positions, output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
 
     return hook
 
@@ -62,7 +74,8 @@ def mean_activations(
     batch_size: int = 32,
     layout: ResidualLayout | None = None,
 ) -> torch.Tensor:
-    """(layers, positions, hidden) fp32 mean over `prompts` of the stream entering each block.
+    """(layers + 1, positions, hidden) fp32 means over `prompts` of the stream entering each
+    block, then of the last block's output.
 
     `positions` defaults to `post_instruction_length(tok)`; position p of the result is the
     p-th of the last `positions` tokens (the last one is the token before the reply).
@@ -72,13 +85,12 @@ def mean_activations(
     layout = layout or discover(model)
     positions = positions or post_instruction_length(tok)
     n_layers = len(layout.blocks)
-    sums = torch.zeros(n_layers, positions, layout.hidden_size, dtype=torch.float64)
+    sums = torch.zeros(n_layers + 1, positions, layout.hidden_size, dtype=torch.float64)
     handles = [
-        block.register_forward_pre_hook(
-            _capture_hook(sums, i, positions, stop=i == n_layers - 1), with_kwargs=True
-        )
+        block.register_forward_pre_hook(_input_hook(sums, i, positions), with_kwargs=True)
         for i, block in enumerate(layout.blocks)
     ]
+    handles.append(layout.blocks[-1].register_forward_hook(_output_hook(sums, n_layers, positions)))
     device = device_of(model)
     try:
         with eval_mode(model):

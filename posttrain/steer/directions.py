@@ -60,8 +60,8 @@ def interpolate_layers(directions: torch.Tensor, layer: float, position: int = -
 
 def save_directions(path: str | Path, directions: torch.Tensor, **extra: torch.Tensor) -> None:
     """directions.safetensors: "directions" (layers, positions, hidden) plus named extras."""
-    tensors = {"directions": directions.float().contiguous()}
-    tensors.update({k: v.float().contiguous() for k, v in extra.items()})
+    tensors = {"directions": directions.float().contiguous().clone()}
+    tensors.update({k: v.float().contiguous().clone() for k, v in extra.items()})
     save_file(tensors, str(path))
 
 

@@ -10,7 +10,8 @@
     its original norm: still orthogonal to r, no longer equal to (a). Biases are projected,
     not rescaled.
 (c) `activation_addition(model, r, coeff, layer)`: adds coeff * r to the input of block
-    `layer` at every position, so the projection on r there shifts by exactly coeff (for unit r).
+    `layer` at every position, so the projection on r there shifts by exactly coeff (for unit r);
+    `layer` = number of blocks adds it to the last block's output (the final stream point).
 (d) `save_as_lora(model, r, path)`: the edit of (b) is rank 1 per matrix, -r (r^T W), so it is
     a peft LoRA adapter with r=1, alpha=1: lora_B = -r (d, 1), lora_A = r^T W (1, k)
     (embeddings: lora_embedding_B = -r, lora_embedding_A = (W_E r)^T; peft applies Gemma's
@@ -103,13 +104,19 @@ def activation_addition(
     layer: int,
     layout: ResidualLayout | None = None,
 ) -> Iterator[None]:
-    """Inside the block, coeff * unit(r) is added to block `layer`'s input at every position."""
+    """Inside the block, coeff * unit(r) is added to block `layer`'s input at every position
+    (to the last block's output when `layer` == the number of blocks)."""
     layout = layout or discover(model)
     shift = coeff * unit(r)
     add = lambda x: (x.float() + shift.to(x.device)).to(x.dtype)  # noqa: E731
-    handle = layout.blocks[layer].register_forward_pre_hook(
-        _block_input_hook(add), with_kwargs=True
-    )
+    if not 0 <= layer <= len(layout.blocks):
+        raise ValueError(f"layer {layer} out of range 0..{len(layout.blocks)}")
+    if layer == len(layout.blocks):
+        handle = layout.blocks[-1].register_forward_hook(lambda m, a, out: _map_first(out, add))
+    else:
+        handle = layout.blocks[layer].register_forward_pre_hook(
+            _block_input_hook(add), with_kwargs=True
+        )
     try:
         yield
     finally:

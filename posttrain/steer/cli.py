@@ -1,0 +1,284 @@
+"""`posttrain abliterate MODEL_OR_RUN [harmful=FILE harmless=FILE] [key=value ...]`.
+
+Finds the refusal direction (any behaviour that two contrastive prompt sets separate), erases
+it, and measures what that did:
+1. prompts: `harmful` / `harmless` sets (default: the tiny world's, written to a temp folder),
+   split into train (directions), validation (selection) and held-out test (evaluation);
+2. the refusal first tokens, from the model's own replies to validation harmful prompts; a
+   model that never refuses stops here with its baseline (exit 2) unless `force=true`;
+3. candidates per (layer, position) and selection (`abliterate.py`), or `layer=` /
+   `position=` pins;
+4. evaluation before and after (`evaluation.py`): `method=weights` orthogonalises the weights
+   (norm-preserving on request), `method=hooks` runs the inference-time ablation hooks;
+5. outputs, in one atomic folder: `final/` (weights: a full model folder, or with
+   `output=adapter` a rank-1 LoRA adapter, the full model when the edit is not expressible),
+   `directions.safetensors`, `report.json`, `scores.png`, `config.yaml`.
+
+Simplified on purpose: one direction for every layer; hooks cannot be saved, so
+`method=hooks` writes no `final/` (the direction file is what a caller applies).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from posttrain.config import check, dump_yaml, help_text, load_config, opt
+from posttrain.errors import UserError
+from posttrain.io import atomic_dir, write_json, write_text_atomic
+
+DEFAULT_SETS = "the tiny world's harmful/harmless sets"
+
+
+@dataclass
+class AbliterateConfig:
+    """`posttrain abliterate`: which model, which prompt sets, how to choose and apply."""
+
+    model: str = opt("", "model folder, run directory or hub id (positional)")
+    harmful: str = opt("", "prompts with the behaviour (data file or text, one per line); "
+                           "empty = the tiny world's harmful set")  # fmt: skip
+    harmless: str = opt("", "contrast prompts without it; empty = the tiny world's harmless set")
+    harmful_test: str = opt("", "held-out harmful prompts; empty = split off test_fraction")
+    harmless_test: str = opt("", "held-out harmless prompts; empty = split off test_fraction")
+    output_dir: str = opt("runs/abliterate", "run directory (written atomically)")
+    val_fraction: float = opt(0.2, "share of each set used to choose the direction")
+    test_fraction: float = opt(0.2, "share held out for evaluation when no *_test file is given")
+    min_prompts: int = opt(16, "fewest prompts a set may have")
+    max_prompts: int = opt(256, "most prompts per part (train/validation/test) that are used")
+    layer: int = opt(-1, "pin the stream point (block input l; L = the last block's output); "
+                         "-1 = search")  # fmt: skip
+    position: int = opt(0, "pin the post-instruction position (-1 = last token); 0 = search")
+    positions: int = opt(0, "post-instruction positions to read; 0 = all template tokens after "
+                            "the user's message")  # fmt: skip
+    skip_last: float = opt(0.2, "search skips the last floor(skip_last * layers) stream points")
+    kl_limit: float = opt(0.1, "a candidate's harmless first-token KL must stay under this")
+    projected: bool = opt(False, "project the harmless mean out of each direction")
+    method: str = opt("weights", "weights: orthogonalise the weights and save; hooks: "
+                                 "inference-time ablation, nothing saved but the direction")  # fmt: skip
+    norm_preserving: bool = opt(False, "weights: keep each written vector's norm")
+    output: str = opt("full", "full: final/ is a model folder; adapter: a LoRA adapter")
+    force: bool = opt(False, "go on when the model never refuses the harmful prompts")
+    world_limit: int = opt(0, "tiny-world test rows for accuracy/perplexity; 0 = all")
+    batch_size: int = opt(64, "prompts per forward pass")
+    seed: int = opt(0, "split seed (and world data seed when the default sets are used)")
+
+    def validate(self) -> None:
+        check(bool(self.model), "model", "is required: posttrain abliterate MODEL_OR_RUN")
+        check(
+            self.method in ("weights", "hooks"),
+            "method",
+            f"must be weights or hooks, got {self.method!r}",
+        )
+        check(
+            self.output in ("full", "adapter"),
+            "output",
+            f"must be full or adapter, got {self.output!r}",
+        )
+        check(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
+        check(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
+        check(self.min_prompts >= 3, "min_prompts", "must be >= 3 (train, validation, test)")
+        check(self.max_prompts >= 1, "max_prompts", "must be >= 1")
+        check(self.position <= 0, "position", "must be negative (-1 = last token) or 0 (search)")
+        check(self.positions >= 0, "positions", "must be >= 0")
+        check(0 <= self.skip_last < 1, "skip_last", "must be in [0, 1)")
+        check(self.kl_limit > 0, "kl_limit", "must be > 0")
+        check(not (self.norm_preserving and self.method == "hooks"), "norm_preserving",
+              "applies to method=weights only")  # fmt: skip
+        check(not (self.harmful_test and not self.harmful), "harmful_test", "needs harmful=FILE")
+        check(not (self.harmless_test and not self.harmless), "harmless_test",
+              "needs harmless=FILE")  # fmt: skip
+        check(bool(self.harmful) == bool(self.harmless), "harmful",
+              "and harmless go together: give both files or neither")  # fmt: skip
+
+
+def prompt_sets(cfg: AbliterateConfig, tmp: str) -> tuple[dict, str | None]:
+    """({harmful,harmless}_{train,val,test}: prompts}, tiny-world data folder or None)."""
+    from posttrain.steer.prompts import check_count, read_prompts, split_prompts
+
+    world = None
+    files = {
+        "harmful": (cfg.harmful, cfg.harmful_test),
+        "harmless": (cfg.harmless, cfg.harmless_test),
+    }
+    if not cfg.harmful:
+        from posttrain.world.datasets import write_world_data
+
+        write_world_data(tmp, seed=cfg.seed, overwrite=True)
+        world = tmp
+        files = {k: (f"{tmp}/{k}_train.jsonl", f"{tmp}/{k}_test.jsonl") for k in files}
+    sets, cap = {}, cfg.max_prompts
+    for kind, (source, test_source) in files.items():
+        prompts = read_prompts(source)
+        check_count(prompts, kind, source, cfg.min_prompts)
+        if test_source:
+            train, val = split_prompts(prompts, [cfg.val_fraction], cfg.seed)
+            test = read_prompts(test_source)
+            check_count(test, f"{kind}_test", test_source, 1)
+        else:
+            train, val, test = split_prompts(
+                prompts, [cfg.val_fraction, cfg.test_fraction], cfg.seed
+            )
+        sets |= {f"{kind}_train": train[:cap], f"{kind}_val": val[:cap], f"{kind}_test": test[:cap]}
+    return sets, world
+
+
+def refusal_ids_or_stop(cfg: AbliterateConfig, model, tok, harmful_val: list) -> tuple[list, float]:
+    """The model's refusal first tokens; UserError with the baseline when it never refuses."""
+    from posttrain.evaluate.refusal import refusal_token_ids
+    from posttrain.steer.abliterate import refusal_first_tokens
+
+    ids, rate = refusal_first_tokens(model, tok, harmful_val, batch_size=cfg.batch_size)
+    if ids:
+        return ids, rate
+    if not cfg.force:
+        raise UserError(
+            f"harmful: the model refuses none of {len(harmful_val)} validation prompts "
+            f"(baseline refusal rate {rate:.2f}); nothing to remove; force=true goes on anyway"
+        )
+    return refusal_token_ids(tok), rate  # stock refusal openings: the model has none of its own
+
+
+def choose(cfg: AbliterateConfig, model, tok, sets: dict, ids: list, layout):
+    """(directions, norms, candidates, chosen) from the train and validation parts."""
+    from posttrain.steer.abliterate import compute_directions, score_candidates, select_candidate
+
+    directions, norms = compute_directions(
+        model, tok, sets["harmful_train"], sets["harmless_train"], cfg.projected,
+        cfg.positions or None, cfg.batch_size, layout,
+    )  # fmt: skip
+    n_points, n_positions = norms.shape
+    check(cfg.layer < n_points, "layer", f"must be < {n_points} (stream points 0..{n_points - 1})")
+    check(-cfg.position <= n_positions, "position", f"must be >= -{n_positions}")
+    candidates = score_candidates(
+        model, tok, directions, norms, sets["harmful_val"], sets["harmless_val"], ids,
+        cfg.skip_last, cfg.batch_size, layout,
+        layers=[cfg.layer] if cfg.layer >= 0 else None,
+        positions=[cfg.position] if cfg.position else None,
+    )  # fmt: skip
+    if not candidates:
+        raise UserError("layer/position: the pinned direction is zero (no difference there)")
+    return directions, norms, candidates, select_candidate(candidates, cfg.kl_limit)
+
+
+def abliterate(cfg: AbliterateConfig) -> dict:
+    """The whole command; returns the report (also written to output_dir/report.json)."""
+    from posttrain.evaluate.generate import last_logits
+    from posttrain.modeling.inference import load_for_inference, resolve_model_path
+    from posttrain.steer.evaluation import induced_refusal, measure
+    from posttrain.steer.residual import discover
+
+    cfg.validate()
+    start = time.time()
+    resolve_model_path(cfg.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        sets, world = prompt_sets(cfg, tmp)
+        model, tok = load_for_inference(cfg.model)
+        layout = discover(model)
+        ids, val_rate = refusal_ids_or_stop(cfg, model, tok, sets["harmful_val"])
+        directions, norms, candidates, best = choose(cfg, model, tok, sets, ids, layout)
+        r, coeff = directions[best.layer, best.position], float(norms[best.layer, best.position])
+        test = (sets["harmful_test"], sets["harmless_test"], ids)
+        limit, bs = cfg.world_limit or None, cfg.batch_size
+        base_logits = last_logits(model, tok, sets["harmless_test"], bs)
+        before = measure(model, tok, *test, world_data=world, world_limit=limit, batch_size=bs)
+        before["induced_refusal_harmless"] = induced_refusal(
+            model, tok, sets["harmless_test"], r, coeff, best.layer, layout
+        )
+        with tempfile.TemporaryDirectory() as staged:
+            saved = apply_edit(cfg, model, tok, r, layout, Path(staged) / "final")
+            after = measure_after(cfg, model, tok, r, layout, test, base_logits, world, limit)
+            report = {
+                "model": cfg.model,
+                "prompts": {k: len(v) for k, v in sets.items()},
+                "refusal_tokens": [tok.decode([i]) for i in ids],
+                "refusal_token_ids": ids,
+                "validation_refusal_rate": val_rate,
+                "chosen": best.as_dict() | {"coeff": coeff},
+                "saved": saved,
+                "before": before,
+                "after": after,
+                "seconds": round(time.time() - start, 1),
+                "candidates": [c.as_dict() for c in candidates],
+            }
+            write_run(cfg, report, directions, norms, r, candidates, best, Path(staged))
+    return report
+
+
+def apply_edit(cfg: AbliterateConfig, model, tok, r, layout, final: Path) -> str:
+    """Stage final/ for method=weights (edits `model` in place); what was saved."""
+    from posttrain.steer.interventions import AdapterUnsupported, orthogonalize, save_as_lora
+
+    if cfg.method == "hooks":
+        return "none (method=hooks)"
+    saved = "full"
+    if cfg.output == "adapter" and not cfg.norm_preserving:
+        try:
+            save_as_lora(model, r, final, layout)
+            tok.save_pretrained(str(final))
+            saved = "adapter"
+        except AdapterUnsupported as why:
+            print(f"output=adapter: {why}; saving the full model instead")
+    elif cfg.output == "adapter":
+        print("output=adapter: the norm-preserving edit is not low-rank; saving the full model")
+    orthogonalize(model, r, cfg.norm_preserving, layout)
+    if saved == "full":
+        model.save_pretrained(str(final))
+        tok.save_pretrained(str(final))
+    return saved
+
+
+def measure_after(cfg, model, tok, r, layout, test, base_logits, world, limit) -> dict:
+    """`measure` on the edited weights, or with the ablation hooks on."""
+    import contextlib
+
+    from posttrain.steer.evaluation import measure
+    from posttrain.steer.interventions import ablation_hooks
+
+    hooks = ablation_hooks(model, r, layout) if cfg.method == "hooks" else contextlib.nullcontext()
+    with hooks:
+        return measure(model, tok, *test, base_logits, world, limit, cfg.batch_size)
+
+
+def write_run(cfg, report, directions, norms, r, candidates, best, staged: Path) -> None:
+    """output_dir, in one rename: final/, directions.safetensors, report.json, scores.png."""
+    import shutil
+
+    from posttrain.steer.directions import save_directions
+    from posttrain.steer.evaluation import plot_scores
+
+    with atomic_dir(cfg.output_dir) as out:
+        if (staged / "final").is_dir():
+            shutil.move(str(staged / "final"), str(out / "final"))
+        save_directions(out / "directions.safetensors", directions, norms=norms, direction=r)
+        write_json(out / "report.json", report)
+        write_text_atomic(out / "config.yaml", dump_yaml(cfg))
+        plot_scores(candidates, best, cfg.kl_limit, out / "scores.png")
+
+
+def summary(report: dict) -> str:
+    """A few lines for the terminal."""
+    c, b, a = report["chosen"], report["before"], report["after"]
+    lines = [f"chosen: layer {c['layer']} position {c['position']} (passed={c['passed']})"]
+    for key in b:
+        if key in a:
+            lines.append(f"  {key:<26} {b[key]:>9.4f} -> {a[key]:.4f}")
+    lines.append(f"  {'induced_refusal_harmless':<26} {b['induced_refusal_harmless']:>9.4f}")
+    if "kl_harmless" in a:
+        lines.append(f"  {'kl_harmless':<26} {a['kl_harmless']:>9.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        print(help_text(AbliterateConfig, "abliterate MODEL_OR_RUN"))
+        return
+    positional = [a for a in argv if "=" not in a]
+    if len(positional) > 1:
+        raise UserError(f"unexpected argument {positional[1]!r}; expected MODEL_OR_RUN key=value")
+    overrides = [a for a in argv if "=" in a] + [f"model={p}" for p in positional]
+    cfg = load_config(AbliterateConfig, None, overrides)
+    report = abliterate(cfg)
+    print(summary(report))
+    print(f"wrote {cfg.output_dir}")
