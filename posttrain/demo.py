@@ -15,7 +15,7 @@ and writes the report folder:
 A new stage is one `Stage(name, title, train)` line plus its `train` function, which
 takes the demo context and returns the model folder or run directory it produced (and an
 `evaluate` function when the model is not a chat policy).
-`--quick` trains and evaluates less (2-3 minutes); the tests run it.
+`--quick` trains and evaluates less (2-3 minutes; DPO runs 30 steps); the tests run it.
 """
 
 from __future__ import annotations
@@ -37,6 +37,15 @@ PROMPTS = (
     "Reverse the letters: d, o, g",
     "What does Alice do for a living?",
 )
+
+
+POLICY_METRICS = ("accuracy", "gold_reward", "perplexity")
+GOLD_SETS = ("prompts_test", "harmful_test", "harmless_test")  # what gold_reward generates on
+DPO_SETTINGS = {
+    "adapter": "lora", "lora": {"r": 16, "alpha": 32}, "loss": "dpo", "beta": 0.1,
+    "sft_weight": 1.0, "lr": 1e-3, "epochs": 3, "batch_size": 16, "max_length": 256,
+    "warmup": 0.05, "log_every": 10, "offline": True,
+}  # fmt: skip
 
 
 @dataclass
@@ -143,6 +152,32 @@ def evaluate_reward(ctx: Context, model_path: str) -> tuple[dict, dict]:
     return metrics, {}
 
 
+def train_dpo(ctx: Context) -> str:
+    """DPO (with the RPO NLL term) from the SFT run on the gold-labelled preference pairs."""
+    from posttrain.train.dpo import dpo
+
+    run = ctx.out / "runs" / "dpo"
+    dpo({**DPO_SETTINGS, "model": ctx.models["sft"], "output_dir": str(run),
+         "data": {"train": str(ctx.data / "preference_train.jsonl")},
+         **({"max_steps": 30} if ctx.quick else {})})  # fmt: skip
+    return str(run)
+
+
+def evaluate_dpo(ctx: Context, model_path: str) -> tuple[dict, dict]:
+    """The policy metrics plus the KL to the SFT model on its own greedy replies."""
+    from posttrain.evaluate.kl import response_kl
+    from posttrain.evaluate.suite import read_rows
+    from posttrain.modeling.inference import load_for_inference
+
+    metrics, completions = evaluate_stage(ctx, model_path)
+    model, tok = load_for_inference(model_path)
+    reference, _ = load_for_inference(ctx.models["sft"])
+    limit = 60 if ctx.quick else None
+    prompts = [r["prompt"] for name in GOLD_SETS for r in read_rows(ctx.data, name, limit)]
+    metrics["kl_to_sft"] = response_kl(model, reference, tok, prompts)["kl_per_token"]
+    return metrics, completions
+
+
 STAGES = (
     Stage("base", "Base model (pretrained only)", train_base),
     Stage("sft", "SFT with LoRA", train_sft),
@@ -153,6 +188,7 @@ STAGES = (
         evaluate_reward,
         "pairwise_accuracy",
     ),  # fmt: skip
+    Stage("dpo", "DPO from SFT (LoRA, + NLL of chosen)", train_dpo, evaluate_dpo, "gold_reward"),
 )
 
 
@@ -164,7 +200,7 @@ def evaluate_stage(ctx: Context, model_path: str) -> tuple[dict, dict]:
 
     model, tok = load_for_inference(model_path)
     limit = 60 if ctx.quick else None
-    metrics = evaluate_world(model, tok, ctx.data, ("accuracy", "perplexity"), limit=limit)
+    metrics = evaluate_world(model, tok, ctx.data, POLICY_METRICS, limit=limit)
     completions = {
         "chat": dict(zip(PROMPTS, generate(model, tok, list(PROMPTS), max_new_tokens=24))),
         "raw": dict(zip(PROMPTS, generate(model, tok, list(PROMPTS), 40, chat=False))),
@@ -231,10 +267,10 @@ def report(ctx, results: dict, completions: dict, seconds: dict, plots: dict) ->
     """The Markdown report: results table, per-task accuracy, completions, plots."""
     from posttrain.world.tasks import KINDS
 
-    stages = [s for s in STAGES if s.name in results and s.evaluate is None]
+    stages = [s for s in STAGES if s.name in results and "accuracy" in results[s.name]]
     lines = ["# posttrain demo: the tiny world", ""]
     lines += [f"Base model: `{ctx.base}`. Quick mode: {ctx.quick}.", "", "## Results", ""]
-    header = ["stage", "accuracy", *KINDS, "perplexity", "seconds"]
+    header = ["stage", "accuracy", *KINDS, "gold reward", "KL to SFT", "perplexity", "seconds"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in stages:
         r = results[s.name]
@@ -243,10 +279,19 @@ def report(ctx, results: dict, completions: dict, seconds: dict, plots: dict) ->
             s.name,
             f"{r['accuracy']:.3f}",
             *by_task,
+            f"{r['gold_reward']:.3f}",
+            f"{r['kl_to_sft']:.3f}" if "kl_to_sft" in r else "",
             f"{r['perplexity']:.2f}",
             str(seconds[s.name]),
         ]
         lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Accuracy: exact match on the held-out task split. Gold reward: the hidden gold reward "
+        "(-2.2 to 1; correct, concise, polite, refuses only forbidden topics) of greedy replies "
+        "to held-out task, harmful and harmless prompts. KL to SFT: mean per-token KL(model || "
+        "SFT) on the model's own greedy replies to those prompts.",
+    ]
     lines += reward_section(results, seconds)
     lines += ["", "## Completions (greedy, through the chat template)", ""]
     for prompt in PROMPTS:
