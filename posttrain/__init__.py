@@ -34,6 +34,13 @@ def grpo(cfg):
     return run(cfg)
 
 
+def ppo(cfg):
+    """RLHF with PPO; `cfg` is a `PPOConfig` or a dict (`posttrain ppo --help`)."""
+    from posttrain.train.ppo import ppo as run
+
+    return run(cfg)
+
+
 def evaluate_model(model: str, **kwargs):
     """Evaluate a model folder or run on the tiny world; keys as in `posttrain eval --help`."""
     from posttrain.config import build_config

@@ -33,6 +33,12 @@ TRAINING = {
         "grpo",
         "online RL with group advantages: GRPO, RLOO, Dr. GRPO (verifiable rewards or a reward model)",
     ),
+    "ppo": (
+        "posttrain.train.ppo",
+        "PPOConfig",
+        "ppo",
+        "RLHF with PPO: value head, KL penalty to the reference, GAE, adaptive KL control",
+    ),
     "reward": (
         "posttrain.train.reward",
         "RewardConfig",

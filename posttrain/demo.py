@@ -43,7 +43,7 @@ POLICY_METRICS = ("accuracy", "gold_reward", "perplexity")
 GOLD_SETS = ("prompts_test", "harmful_test", "harmless_test")  # what gold_reward generates on
 DPO_SETTINGS = {
     "adapter": "lora", "lora": {"r": 16, "alpha": 32}, "loss": "dpo", "beta": 0.1,
-    "sft_weight": 1.0, "lr": 1e-3, "epochs": 3, "batch_size": 16, "max_length": 256,
+    "sft_weight": 1.0, "lr": 5e-4, "epochs": 6, "batch_size": 16, "max_length": 256,
     "warmup": 0.05, "log_every": 10, "offline": True,
 }  # fmt: skip
 
