@@ -79,6 +79,7 @@ from posttrain.train.online import (  # noqa: F401 - load_prompts and friends ar
     rollout_batch,
     sample_rollout,
     score_completions,
+    unflatten,
 )
 from posttrain.train.run import begin_run, load_trainable_model, run_job
 
@@ -194,6 +195,7 @@ class Rollouts(OnlineState):
         self.cache_key: tuple[int, int] | None = None  # (epoch, rollout) of the cached batches
         self.cache: dict[int, Batch] = {}  # micro index -> collated rollout
         self.stats = StepStats(PHASES)
+        self.rollout_metrics: dict[str, float] = {}  # of the cached rollout
         self.collated_at = perf_counter()
         self.commit()
 
@@ -236,7 +238,9 @@ class Rollouts(OnlineState):
 
     def after_step(self) -> dict[str, float]:
         """Metrics of the step that just finished; its state becomes the checkpointable one."""
-        out = self.stats.summary()
+        fresh = self.stats.summary()  # empty on steps that reuse the rollout (num_iterations > 1)
+        self.rollout_metrics = fresh or self.rollout_metrics  # logged on every step of a rollout
+        out = dict(self.rollout_metrics)
         out["train_s"] = perf_counter() - self.collated_at
         self.step += 1
         self.stats = StepStats(PHASES)
@@ -249,6 +253,8 @@ class Rollouts(OnlineState):
         state = {"cache_key": torch.tensor(self.cache_key)}
         for micro, batch in self.cache.items():
             state.update({f"cache.{micro}.{k}": v for k, v in batch.items()})
+        state.update({f"metrics.{k}": torch.tensor(v, dtype=torch.float64)
+                      for k, v in self.rollout_metrics.items()})  # fmt: skip
         return state
 
     def load_extra_state(self, state: dict[str, Tensor]) -> None:
@@ -259,6 +265,7 @@ class Rollouts(OnlineState):
             if name.startswith("cache."):
                 _, micro, key = name.split(".", 2)
                 self.cache.setdefault(int(micro), {})[key] = value
+        self.rollout_metrics = {k: float(v) for k, v in unflatten("metrics", state).items()}
 
 
 # ----------------------------------------------------------------------------- the method
