@@ -377,6 +377,41 @@ def run_worker(
 # ----------------------------------------------------------------------------- reporting
 
 
+def tail_mean(values: list[float], k: int = 5) -> float:
+    """Mean of the last `k` values (the loss at the end of a run)."""
+    return statistics.fmean(values[-k:])
+
+
+def mean_sd(values: list[float]) -> str:
+    """`mean ± sd` over repeats (just the value for one)."""
+    if len(values) < 2:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def ratio_cell(ours: list[float], theirs: list[float], higher_is_better: bool = True) -> str:
+    """Ratio of medians (ours / peer), bold when higher is better, and the per-repeat ratios
+    (runs of one repeat ran back to back)."""
+    ratio = statistics.median(ours) / statistics.median(theirs)
+    cell = f"**{ratio:.2f}x**" if higher_is_better else f"{ratio:.2f}x"
+    if len(ours) == 1:
+        return cell
+    return cell + " (" + ", ".join(f"{o / t:.2f}" for o, t in zip(ours, theirs)) + ")"
+
+
+def lora_config(spec: dict):
+    """The peft LoRA config both sides use: r/alpha from the spec, no dropout, all linear."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=spec["lora_r"],
+        lora_alpha=spec["lora_alpha"],
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
 def median_spread(values: list[float], fmt: str = "{:.0f}") -> str:
     """`median (min-max)`, or just the value when there is one."""
     if len(values) == 1:

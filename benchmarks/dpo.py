@@ -271,7 +271,7 @@ def check_parity(shared: dict, work: Path) -> tuple[dict, list[int]]:
         args=trl_config(dict(shared, config="lora", seed=0), work / "parity"),
         train_dataset=datasets.Dataset.from_list(common.read_jsonl(shared["train"])),
         processing_class=tokenizer,
-        peft_config=lora_config(shared),
+        peft_config=common.lora_config(shared),
     )
     theirs = trainer.train_dataset
     cut = shared["max_length"]
@@ -331,18 +331,6 @@ class PolicyClock(common.StepClock):
                 self.padded += ids.numel()
 
         model.get_input_embeddings().register_forward_pre_hook(count)
-
-
-def lora_config(spec: dict):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=spec["lora_r"],
-        lora_alpha=spec["lora_alpha"],
-        lora_dropout=0.0,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
 
 
 def lr_of(spec: dict) -> float:
@@ -463,7 +451,7 @@ def worker_trl(spec: dict) -> dict:
         args=trl_config(spec, Path(spec["out"])),
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=lora_config(spec) if spec["config"] == "lora" else None,
+        peft_config=common.lora_config(spec) if spec["config"] == "lora" else None,
         callbacks=[Clock()],
     )
     trainer.train()
@@ -493,25 +481,6 @@ def finish(clock: common.StepClock, logs: list[dict], keys: tuple[str, str], hel
 # ----------------------------------------------------------------------------- report
 
 
-def tail_mean(values: list[float], k: int = 5) -> float:
-    return statistics.fmean(values[-k:])
-
-
-def mean_sd(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-def ratio_cell(ours: list[float], theirs: list[float], higher_is_better: bool = True) -> str:
-    """Ratio of medians, and the per-repeat ratios (runs of one repeat ran back to back)."""
-    ratio = statistics.median(ours) / statistics.median(theirs)
-    cell = f"**{ratio:.2f}x**" if higher_is_better else f"{ratio:.2f}x"
-    if len(ours) == 1:
-        return cell
-    return cell + " (" + ", ".join(f"{o / t:.2f}" for o, t in zip(ours, theirs)) + ")"
-
-
 def main_table(results: dict, steps: int) -> str:
     headers = [
         "config",
@@ -539,7 +508,7 @@ def main_table(results: dict, steps: int) -> str:
             cells = []
             for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib"):
                 mine = [x[key] for x in r]
-                ratio = ratio_cell(mine, [x[key] for x in other], key != "peak_rss_mib")
+                ratio = common.ratio_cell(mine, [x[key] for x in other], key != "peak_rss_mib")
                 cells += [common.median_spread(mine), ratio if side == "ours" else "1.00x"]
             rows.append(
                 [
@@ -548,10 +517,10 @@ def main_table(results: dict, steps: int) -> str:
                     *cells,
                     common.median_spread([x["rss_start_mib"] for x in r]),
                     f"{100 * statistics.median(x['padding_share'] for x in r):.1f}%",
-                    mean_sd([x["losses"][0] for x in r]),
-                    mean_sd([tail_mean(x["losses"]) for x in r]),
-                    mean_sd([x["heldout_loss"] for x in r]),
-                    mean_sd([x["heldout_accuracy"] for x in r]),
+                    common.mean_sd([x["losses"][0] for x in r]),
+                    common.mean_sd([common.tail_mean(x["losses"]) for x in r]),
+                    common.mean_sd([x["heldout_loss"] for x in r]),
+                    common.mean_sd([x["heldout_accuracy"] for x in r]),
                 ]
             )
     return common.markdown_table(headers, rows)
@@ -579,7 +548,7 @@ def live_line(results: dict) -> str:
     speed = [x["tokens_per_s"] for x in live]
     rss = [x["peak_rss_mib"] for x in live]
     cpu = common.median_spread([x["tokens_per_cpu_s"] for x in live])
-    step1 = mean_sd([x["losses"][0] for x in live])
+    step1 = common.mean_sd([x["losses"][0] for x in live])
     faster = statistics.median(x["tokens_per_s"] for x in ours) / statistics.median(speed)
     memory = statistics.median(x["peak_rss_mib"] for x in ours) / statistics.median(rss)
     return (
@@ -682,7 +651,7 @@ def run_pair(
             f"{side}-{name}: {result['tokens_per_s']:.0f} tok/s "
             f"({result['tokens_per_cpu_s']:.0f}/CPU-s), "
             f"peak RSS {result['peak_rss_mib']:.0f} MiB, loss step 1 {result['losses'][0]:.5f}, "
-            f"last {tail_mean(result['losses']):.4f}, held-out {result['heldout_loss']:.4f}, "
+            f"last {common.tail_mean(result['losses']):.4f}, held-out {result['heldout_loss']:.4f}, "
             f"load {result['load_start']:.1f}->{result['load_end']:.1f}",
             file=sys.stderr,
             flush=True,

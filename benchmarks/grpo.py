@@ -451,15 +451,6 @@ def worker_trl(spec: dict) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def ratio_cell(ours: list[float], theirs: list[float]) -> str:
-    """Ratio of medians (ours / TRL), and the per-repeat ratios."""
-    ratio = statistics.median(ours) / statistics.median(theirs)
-    if len(ours) == 1:
-        return f"**{ratio:.2f}x**"
-    each = ", ".join(f"{o / t:.2f}" for o, t in zip(ours, theirs))
-    return f"**{ratio:.2f}x** ({each})"
-
-
 def main_table(results: dict, betas) -> str:
     headers = [
         "beta",
@@ -490,7 +481,7 @@ def main_table(results: dict, betas) -> str:
                 other = [x[key] for x in runs["trl"]]
                 cells += [
                     common.median_spread(mine),
-                    ratio_cell(mine, other) if side == "ours" else "1.00x",
+                    common.ratio_cell(mine, other) if side == "ours" else "1.00x",
                 ]
             split = " / ".join(
                 f"{statistics.median(x[f'{p}_s'] for x in r):.2f}" for p in (*PHASES, "other")

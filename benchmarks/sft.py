@@ -161,7 +161,7 @@ def check_parity(shared: dict, work: Path) -> tuple[dict, list[int]]:
             args=trl_config(dict(shared, packing=packing, seed=0), work / "parity"),
             train_dataset=datasets.Dataset.from_list(common.read_jsonl(shared["train"])),
             processing_class=tokenizer,
-            peft_config=lora_config(shared),
+            peft_config=common.lora_config(shared),
         )
         prepared[packing] = trainer.train_dataset
     theirs = prepared[False]
@@ -198,18 +198,6 @@ def batch_order(lengths: list[int], spec: dict) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- workers
-
-
-def lora_config(spec: dict):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=spec["lora_r"],
-        lora_alpha=spec["lora_alpha"],
-        lora_dropout=0.0,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
 
 
 def trl_config(spec: dict, out: Path):
@@ -325,7 +313,7 @@ def worker_trl(spec: dict) -> dict:
         args=trl_config(spec, Path(spec["out"])),
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=lora_config(spec),
+        peft_config=common.lora_config(spec),
         callbacks=[Clock()],
     )
     trainer.train()
@@ -351,25 +339,6 @@ def finish(clock: common.StepClock, logs: list[dict], lr_key: str, heldout: floa
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def tail_mean(losses: list[float], k: int = 5) -> float:
-    return statistics.fmean(losses[-k:])
-
-
-def mean_sd(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-def ratio_cell(ours: list[float], theirs: list[float]) -> str:
-    """Ratio of medians, and the per-repeat ratios (runs of one repeat ran back to back)."""
-    ratio = statistics.median(ours) / statistics.median(theirs)
-    if len(ours) == 1:
-        return f"**{ratio:.2f}x**"
-    each = ", ".join(f"{o / t:.2f}" for o, t in zip(ours, theirs))
-    return f"**{ratio:.2f}x** ({each})"
 
 
 def main_table(results: dict, steps: int) -> str:
@@ -399,7 +368,7 @@ def main_table(results: dict, steps: int) -> str:
                 other = [x[key] for x in runs["trl"]]
                 cells += [
                     common.median_spread(mine),
-                    ratio_cell(mine, other) if side == "ours" else "1.00x",
+                    common.ratio_cell(mine, other) if side == "ours" else "1.00x",
                 ]
             rows.append(
                 [
@@ -409,8 +378,8 @@ def main_table(results: dict, steps: int) -> str:
                     common.median_spread([x["peak_rss_mib"] for x in r]),
                     common.median_spread([x["rss_start_mib"] for x in r]),
                     f"{100 * statistics.median(x['padding_share'] for x in r):.1f}%",
-                    mean_sd([tail_mean(x["losses"]) for x in r]),
-                    mean_sd([x["heldout_loss"] for x in r]),
+                    common.mean_sd([common.tail_mean(x["losses"]) for x in r]),
+                    common.mean_sd([x["heldout_loss"] for x in r]),
                 ]
             )
     return common.markdown_table(headers, rows)
@@ -510,7 +479,7 @@ def run_pair(
             f"{side}-{name}: {result['tokens_per_s']:.0f} tok/s "
             f"({result['tokens_per_cpu_s']:.0f}/CPU-s), "
             f"peak RSS {result['peak_rss_mib']:.0f} MiB, "
-            f"loss {tail_mean(result['losses']):.3f}, held-out {result['heldout_loss']:.3f}, "
+            f"loss {common.tail_mean(result['losses']):.3f}, held-out {result['heldout_loss']:.3f}, "
             f"load {result['load_start']:.1f}->{result['load_end']:.1f}",
             file=sys.stderr,
             flush=True,
