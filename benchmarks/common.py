@@ -316,6 +316,34 @@ class StepClock:
         }
 
 
+def time_posttrain_steps(method, clock: StepClock) -> list:
+    """Instrument a posttrain method module (`posttrain.train.sft`, `.dpo`, ...) for timing:
+    its loaded model gets `clock`'s token hook, and every `Loop.train_step` is timed. Returns
+    the list the loaded model is appended to (for a held-out evaluation after training)."""
+    from posttrain.train import loop
+
+    models = []
+    load = method.load_trainable_model
+
+    def load_and_hook(cfg, tokenizer, device):
+        model = load(cfg, tokenizer, device)
+        clock.attach(model)
+        models.append(model)
+        return model
+
+    step = loop.Loop.train_step
+
+    def timed_step(self):
+        clock.begin()
+        out = step(self)
+        clock.step_end()
+        return out
+
+    method.load_trainable_model = load_and_hook
+    loop.Loop.train_step = timed_step
+    return models
+
+
 def heldout_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> float:
     """Mean cross-entropy over the trained tokens of `examples` ({input_ids, targets}, targets
     pre-shifted, -100 = not trained), with the model's own full logits, in eval mode."""

@@ -369,28 +369,10 @@ def trl_config(spec: dict, out: Path):
 
 
 def worker_ours(spec: dict) -> dict:
-    from posttrain.train import dpo, loop
+    from posttrain.train import dpo
 
     clock = PolicyClock(spec["pad_id"])
-    models = []
-    load = dpo.load_trainable_model
-
-    def load_and_hook(cfg, tokenizer, device):
-        model = load(cfg, tokenizer, device)
-        clock.attach(model)
-        models.append(model)
-        return model
-
-    step = loop.Loop.train_step
-
-    def timed_step(self):
-        clock.begin()
-        out = step(self)
-        clock.step_end()
-        return out
-
-    dpo.load_trainable_model = load_and_hook
-    loop.Loop.train_step = timed_step
+    models = common.time_posttrain_steps(dpo, clock)
     out = Path(spec["out"])
     dpo.dpo(
         {
