@@ -13,15 +13,8 @@ from safetensors.torch import load_file
 
 import posttrain.cli
 from posttrain.errors import UserError
-from posttrain.train.grpo import (
-    GRPOConfig,
-    Rollouts,
-    Spec,
-    completion_logprobs,
-    grpo,
-    load_prompts,
-    plan_rollouts,
-)
+from posttrain.train.grpo import GRPOConfig, Rollouts, Spec, grpo, plan_rollouts
+from posttrain.train.online import completion_logprobs, load_prompts
 from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 ENTRY = ("posttrain.train.grpo", "GRPOConfig", "grpo", "GRPO / RLOO / Dr. GRPO online RL")

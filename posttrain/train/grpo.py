@@ -51,7 +51,6 @@ import torch
 from torch import Tensor, nn
 
 from posttrain.config import build_config, check, opt
-from posttrain.errors import UserError
 from posttrain.evaluate.generate import device_of, pad_id, stop_token_ids
 from posttrain.losses.rl import (
     AGGREGATIONS,
@@ -63,19 +62,17 @@ from posttrain.losses.rl import (
     rloo_advantages,
 )
 from posttrain.modeling.adapters import load_trainable_state, save_model, trainable_state
-from posttrain.rollout.rewards import build_sources
 from posttrain.rollout.sampler import eval_no_grad
 from posttrain.train import dist
 from posttrain.train.loop import Batch, Job
-from posttrain.train.online import (  # noqa: F401 - load_prompts and friends are part of the API
+from posttrain.train.online import (
     OnlineConfig,
     OnlineState,
-    RewardSection,
     StepStats,
     completion_logprobs,
-    load_prompts,
     make_reference,
     mean_entropy,
+    prompts_and_rewards,
     rollout_batch,
     sample_rollout,
     score_completions,
@@ -294,13 +291,9 @@ def grpo(cfg: GRPOConfig | dict) -> dict[str, float]:
     """RL-tune `cfg.model` on the prompts of `cfg.data.train`; writes `output_dir`."""
     cfg = build_config(GRPOConfig, cfg)
     device, tokenizer = begin_run(cfg)
-    examples = load_prompts(cfg.data.train, cfg.data.split, tokenizer, cfg)
     need = rollout_size(cfg, dist.world_size())
-    if len(examples) < need:
-        raise UserError(f"data.train: {len(examples)} prompts, fewer than one rollout "
-                        f"batch (batch_size x grad_accum x ranks = {need})")  # fmt: skip
-    sources = build_sources(cfg.reward.fn, cfg.reward.model or None, cfg.reward.weights or None,
-                            device)  # fmt: skip
+    what = "batch_size x grad_accum x ranks"
+    examples, sources = prompts_and_rewards(cfg, tokenizer, device, need, what)
     model = load_trainable_model(cfg, tokenizer, device)
     reference = make_reference(model, cfg.temperature) if cfg.beta else None
     return run_job(grpo_job(cfg, model, tokenizer, examples, sources, reference), cfg, device)

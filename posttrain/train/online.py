@@ -40,7 +40,7 @@ from posttrain.data.load import load_rows
 from posttrain.errors import UserError
 from posttrain.losses.lm import final_hidden, output_head, token_logprobs
 from posttrain.losses.rl import entropy_from_logits
-from posttrain.rollout.rewards import combine, truncation_penalty
+from posttrain.rollout.rewards import build_sources, combine, truncation_penalty
 from posttrain.rollout.sampler import Rollout, encode_prompts, sample
 from posttrain.train import dist
 from posttrain.train.loop import Batch
@@ -113,6 +113,18 @@ def prompt_of(where: str, row: dict, command: str = "online RL"):
     raise UserError(
         f"{where}: {command} needs a 'prompt' (text or a list of role/content messages)"
     )
+
+
+def prompts_and_rewards(cfg: OnlineConfig, tokenizer, device, need: int, what: str):
+    """The training prompts (at least one rollout batch of `need`, spelled out as `what`) and
+    the reward sources of `cfg.reward`: what grpo and ppo load before their model."""
+    examples = load_prompts(cfg.data.train, cfg.data.split, tokenizer, cfg)
+    if len(examples) < need:
+        raise UserError(f"data.train: {len(examples)} prompts, fewer than one rollout batch "
+                        f"({what} = {need})")  # fmt: skip
+    weights = cfg.reward.weights or None
+    sources = build_sources(cfg.reward.fn, cfg.reward.model or None, weights, device)
+    return examples, sources
 
 
 def load_prompts(source: str, split: str, tokenizer, cfg: OnlineConfig) -> list[dict]:

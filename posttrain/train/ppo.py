@@ -90,7 +90,6 @@ from posttrain.losses.rl import (
     ppo_value_loss,
 )
 from posttrain.modeling.adapters import load_trainable_state, save_model, trainable_state
-from posttrain.rollout.rewards import build_sources
 from posttrain.rollout.sampler import eval_no_grad
 from posttrain.train import dist
 from posttrain.train.loop import Batch, Job
@@ -101,9 +100,9 @@ from posttrain.train.online import (
     completion_logprobs,
     completion_rows,
     flatten,
-    load_prompts,
     make_reference,
     mean_entropy,
+    prompts_and_rewards,
     rollout_batch,
     sample_rollout,
     scatter_rows,
@@ -476,13 +475,9 @@ def ppo(cfg: PPOConfig | dict) -> dict[str, float]:
     """PPO-tune `cfg.model` on the prompts of `cfg.data.train`; writes `output_dir`."""
     cfg = build_config(PPOConfig, cfg)
     device, tokenizer = begin_run(cfg)
-    examples = load_prompts(cfg.data.train, cfg.data.split, tokenizer, cfg)
     need = rollout_size(cfg, dist.world_size())
-    if len(examples) < need:
-        raise UserError(f"data.train: {len(examples)} prompts, fewer than one rollout batch "
-                        f"(batch_size x grad_accum x num_minibatches x ranks = {need})")  # fmt: skip
-    sources = build_sources(cfg.reward.fn, cfg.reward.model or None, cfg.reward.weights or None,
-                            device)  # fmt: skip
+    what = "batch_size x grad_accum x num_minibatches x ranks"
+    examples, sources = prompts_and_rewards(cfg, tokenizer, device, need, what)
     policy = load_trainable_model(cfg, tokenizer, device)
     reference = make_reference(policy, cfg.temperature)
     model = PolicyWithValueHead(policy)
