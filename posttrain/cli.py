@@ -72,6 +72,11 @@ TOOLS = {
         "main",
         "find a behaviour's direction (refusal) and erase it: report, directions, edited model",
     ),
+    "steer": (
+        "posttrain.steer.steer_cli",
+        "main",
+        "add or remove any contrastive behaviour's direction (two prompt sets)",
+    ),
     "merge": (
         "posttrain.ship.merge",
         "main",

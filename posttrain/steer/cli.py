@@ -187,7 +187,13 @@ def abliterate(cfg: AbliterateConfig) -> dict:
             model, tok, sets["harmless_test"], r, coeff, best.layer, layout
         )
         with tempfile.TemporaryDirectory() as staged:
-            saved = apply_edit(cfg, model, tok, r, layout, Path(staged) / "final")
+            saved = (
+                save_edit(
+                    model, tok, r, layout, Path(staged) / "final", cfg.output, cfg.norm_preserving
+                )  # fmt: skip
+                if cfg.method == "weights"
+                else "none (method=hooks)"
+            )
             after = measure_after(cfg, model, tok, r, layout, test, base_logits, world, limit)
             report = {
                 "model": cfg.model,
@@ -206,23 +212,21 @@ def abliterate(cfg: AbliterateConfig) -> dict:
     return report
 
 
-def apply_edit(cfg: AbliterateConfig, model, tok, r, layout, final: Path) -> str:
-    """Stage final/ for method=weights (edits `model` in place); what was saved."""
+def save_edit(model, tok, r, layout, final: Path, output="full", norm_preserving=False) -> str:
+    """Orthogonalise `model` in place and write final/: a full folder or a rank-1 adapter."""
     from posttrain.steer.interventions import AdapterUnsupported, orthogonalize, save_as_lora
 
-    if cfg.method == "hooks":
-        return "none (method=hooks)"
     saved = "full"
-    if cfg.output == "adapter" and not cfg.norm_preserving:
+    if output == "adapter" and not norm_preserving:
         try:
             save_as_lora(model, r, final, layout)
             tok.save_pretrained(str(final))
             saved = "adapter"
         except AdapterUnsupported as why:
             print(f"output=adapter: {why}; saving the full model instead")
-    elif cfg.output == "adapter":
+    elif output == "adapter":
         print("output=adapter: the norm-preserving edit is not low-rank; saving the full model")
-    orthogonalize(model, r, cfg.norm_preserving, layout)
+    orthogonalize(model, r, norm_preserving, layout)
     if saved == "full":
         model.save_pretrained(str(final))
         tok.save_pretrained(str(final))
