@@ -120,3 +120,25 @@ def test_read_and_split_prompts(tmp_path):
         split_prompts(list(range(10)), [0.2], seed=1)[0]
         == split_prompts(list(range(10)), [0.2], seed=1)[0]
     )
+
+
+def test_heal_dpo_trains_the_edited_weights_and_measures_them_again(files, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(
+        json.dumps({"prompt": p, "chosen": str(i + 3), "rejected": "no"}) + "\n"
+        for i, p in enumerate(HARMLESS)
+    ))  # fmt: skip
+    main(args(files, tmp_path / "plain", "position=-1"))
+    main(args(files, tmp_path / "healed", "position=-1", "heal=dpo", f"heal_data={pairs}",
+              "heal_steps=2"))  # fmt: skip
+    report = json.loads((tmp_path / "healed" / "report.json").read_text())
+    assert report["heal"]["steps"] == 2 and report["heal"]["data"] == str(pairs)
+    assert set(report["healed"]) == set(report["after"])
+    final = tmp_path / "healed" / "final"
+    assert not (final / "adapter_config.json").exists()  # the heal adapter is folded in
+    healed = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain" / "final").state_dict()
+    assert healed.keys() == plain.keys()
+    assert any(not torch.equal(healed[k], plain[k]) for k in plain)
+    with pytest.raises(UserError, match="heal needs method=weights and output=full"):
+        main(args(files, tmp_path / "x", "heal=dpo", "method=hooks"))

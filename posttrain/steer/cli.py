@@ -12,7 +12,9 @@ it, and measures what that did:
    (norm-preserving on request), `method=hooks` runs the inference-time ablation hooks;
 5. outputs, in one atomic folder: `final/` (weights: a full model folder, or with
    `output=adapter` a rank-1 LoRA adapter, the full model when the edit is not expressible),
-   `directions.safetensors`, `report.json`, `scores.png`, `config.yaml`.
+   `directions.safetensors`, `report.json`, `scores.png`, `config.yaml`;
+6. `heal=dpo` (`heal.py`): a short DPO pass on the edited weights, folded into `final/`, and
+   the healed model measured again (`healed` in the report).
 
 Simplified on purpose: one direction for every layer; hooks cannot be saved, so
 `method=hooks` writes no `final/` (the direction file is what a caller applies).
@@ -60,6 +62,9 @@ class AbliterateConfig:
     norm_preserving: bool = opt(False, "weights: keep each written vector's norm")
     output: str = opt("full", "full: final/ is a model folder; adapter: a LoRA adapter")
     force: bool = opt(False, "go on when the model never refuses the harmful prompts")
+    heal: str = opt("", "dpo: a short DPO pass after the edit to win back task skill; empty = none")
+    heal_data: str = opt("", "heal: preference pairs; empty = the tiny world's, minus harmful ones")
+    heal_steps: int = opt(60, "heal: DPO steps")
     world_limit: int = opt(0, "tiny-world test rows for accuracy/perplexity; 0 = all")
     batch_size: int = opt(64, "prompts per forward pass")
     seed: int = opt(0, "split seed (and world data seed when the default sets are used)")
@@ -91,6 +96,10 @@ class AbliterateConfig:
               "needs harmless=FILE")  # fmt: skip
         check(bool(self.harmful) == bool(self.harmless), "harmful",
               "and harmless go together: give both files or neither")  # fmt: skip
+        check(self.heal in ("", "dpo"), "heal", f"must be dpo or empty, got {self.heal!r}")
+        check(not self.heal or (self.method, self.output) == ("weights", "full"), "heal",
+              "needs method=weights and output=full (it trains the edited weights)")  # fmt: skip
+        check(self.heal_steps >= 1, "heal_steps", "must be >= 1")
 
 
 def prompt_sets(cfg: AbliterateConfig, tmp: str) -> tuple[dict, str | None]:
@@ -208,6 +217,8 @@ def abliterate(cfg: AbliterateConfig) -> dict:
                 "seconds": round(time.time() - start, 1),
                 "candidates": [c.as_dict() for c in candidates],
             }
+            if cfg.heal:
+                report |= healed(cfg, Path(staged), test, base_logits, world)
             write_run(cfg, report, directions, norms, r, candidates, best, Path(staged))
     return report
 
@@ -231,6 +242,18 @@ def save_edit(model, tok, r, layout, final: Path, output="full", norm_preserving
         model.save_pretrained(str(final))
         tok.save_pretrained(str(final))
     return saved
+
+
+def healed(cfg: AbliterateConfig, staged: Path, test, base_logits, world) -> dict:
+    """heal=dpo: DPO on the edited final/ (folded back in); the healed model's numbers."""
+    from posttrain.steer.evaluation import measure
+    from posttrain.steer.heal import heal_dpo, world_heal_pairs
+
+    data = cfg.heal_data or world_heal_pairs(staged, cfg.seed)
+    model, tok, metrics = heal_dpo(staged / "final", data, cfg.heal_steps, staged)
+    numbers = measure(model, tok, *test, base_logits, world, cfg.world_limit or None,
+                      cfg.batch_size)  # fmt: skip
+    return {"healed": numbers, "heal": {"data": str(data), "steps": cfg.heal_steps} | metrics}
 
 
 def measure_after(cfg, model, tok, r, layout, test, base_logits, world, limit) -> dict:
@@ -271,6 +294,8 @@ def summary(report: dict) -> str:
     lines.append(f"  {'induced_refusal_harmless':<26} {b['induced_refusal_harmless']:>9.4f}")
     if "kl_harmless" in a:
         lines.append(f"  {'kl_harmless':<26} {a['kl_harmless']:>9.4f}")
+    for key, value in report.get("healed", {}).items():
+        lines.append(f"  healed {key:<19} {value:>9.4f}")
     return "\n".join(lines)
 
 
