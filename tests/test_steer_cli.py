@@ -142,3 +142,16 @@ def test_heal_dpo_trains_the_edited_weights_and_measures_them_again(files, tmp_p
     assert any(not torch.equal(healed[k], plain[k]) for k in plain)
     with pytest.raises(UserError, match="heal needs method=weights and output=full"):
         main(args(files, tmp_path / "x", "heal=dpo", "method=hooks"))
+
+
+def test_search_optuna_saves_the_chosen_edit_and_the_front(files, tmp_path):
+    out = tmp_path / "run"
+    main([str(files["model"]), f"harmful={files['harmful']}", f"harmless={files['harmless']}",
+          f"output_dir={out}", "force=true", "batch_size=8", "search=optuna", "trials=6"])  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    search = report["search"]
+    assert len(search["trials"]) == 6 and report["chosen"]["number"] in search["front"]
+    assert report["saved"] == "full" and (out / "pareto.png").is_file()
+    assert (out / "final" / "model.safetensors").is_file()
+    with pytest.raises(UserError, match="layer"):
+        main([str(files["model"]), "search=optuna", "layer=1", f"output_dir={tmp_path / 'x'}"])

@@ -13,5 +13,8 @@ induces them. The same machinery works for any behaviour that lives along a dire
 - `abliterate.py`     candidate directions scored by refusal and KL; the chosen one
 - `prompts.py`        contrastive prompt sets: read (data files or text), check, split
 - `evaluation.py`     before/after numbers (refusals, induced refusals, KL, accuracy), scores plot
+- `search.py`         `search=optuna`: fractional layer + per-block edit strengths, Pareto front
+- `heal.py`           `heal=dpo`: a short DPO pass after the edit, folded into the weights
 - `cli.py`            `posttrain abliterate`: the whole pipeline into one atomic run folder
+- `steer_cli.py`      `posttrain steer`: add or remove any contrastive behaviour's direction
 """

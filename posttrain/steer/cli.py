@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.config import check, dump_yaml, help_text, load_config, opt
+from posttrain.config import build_config, check, dump_yaml, help_text, load_config, opt
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir, write_json, write_text_atomic
 
@@ -56,6 +56,10 @@ class AbliterateConfig:
                             "the user's message")  # fmt: skip
     skip_last: float = opt(0.2, "search skips the last floor(skip_last * layers) stream points")
     kl_limit: float = opt(0.1, "a candidate's harmless first-token KL must stay under this")
+    search: str = opt("", "optuna: search the direction's (fractional) layer and per-block "
+                          "attention/MLP edit strengths, minimising refusals and KL (pip install "
+                          "optuna); empty = one direction at full strength everywhere")  # fmt: skip
+    trials: int = opt(60, "search=optuna: number of trials")
     projected: bool = opt(False, "project the harmless mean out of each direction")
     method: str = opt("weights", "weights: orthogonalise the weights and save; hooks: "
                                  "inference-time ablation, nothing saved but the direction")  # fmt: skip
@@ -91,6 +95,15 @@ class AbliterateConfig:
         check(self.kl_limit > 0, "kl_limit", "must be > 0")
         check(not (self.norm_preserving and self.method == "hooks"), "norm_preserving",
               "applies to method=weights only")  # fmt: skip
+        check(
+            self.search in ("", "optuna"), "search", f"must be optuna or empty, got {self.search!r}"
+        )
+        check(self.trials >= 1, "trials", "must be >= 1")
+        if self.search:
+            check(self.method == "weights", "method", "must be weights with search=optuna")
+            check(self.layer == -1, "layer", "is searched by search=optuna: leave it -1")
+            check(not self.norm_preserving, "norm_preserving", "is not part of search=optuna")
+            check(self.output == "full", "output", "must be full with search=optuna")
         check(not (self.harmful_test and not self.harmful), "harmful_test", "needs harmful=FILE")
         check(not (self.harmless_test and not self.harmless), "harmless_test",
               "needs harmless=FILE")  # fmt: skip
@@ -171,14 +184,14 @@ def choose(cfg: AbliterateConfig, model, tok, sets: dict, ids: list, layout):
     return directions, norms, candidates, select_candidate(candidates, cfg.kl_limit)
 
 
-def abliterate(cfg: AbliterateConfig) -> dict:
+def abliterate(cfg: AbliterateConfig | dict) -> dict:
     """The whole command; returns the report (also written to output_dir/report.json)."""
     from posttrain.evaluate.generate import last_logits
     from posttrain.modeling.inference import load_for_inference, resolve_model_path
     from posttrain.steer.evaluation import induced_refusal, measure
     from posttrain.steer.residual import discover
 
-    cfg.validate()
+    cfg = build_config(AbliterateConfig, cfg)
     start = time.time()
     resolve_model_path(cfg.model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,23 +199,32 @@ def abliterate(cfg: AbliterateConfig) -> dict:
         model, tok = load_for_inference(cfg.model)
         layout = discover(model)
         ids, val_rate = refusal_ids_or_stop(cfg, model, tok, sets["harmful_val"])
-        directions, norms, candidates, best = choose(cfg, model, tok, sets, ids, layout)
-        r, coeff = directions[best.layer, best.position], float(norms[best.layer, best.position])
+        if cfg.search:
+            from posttrain.steer.search import chosen_direction, search_from_config
+
+            directions, norms, best = search_from_config(cfg, model, tok, sets, ids, layout)
+            r, coeff, layer = chosen_direction(best, directions, norms)
+            candidates, chosen = [], best.chosen_dict() | {"coeff": coeff}
+        else:
+            directions, norms, candidates, best = choose(cfg, model, tok, sets, ids, layout)
+            layer, position = best.layer, best.position
+            r, coeff = directions[layer, position], float(norms[layer, position])
+            chosen = best.as_dict() | {"coeff": coeff}
         test = (sets["harmful_test"], sets["harmless_test"], ids)
         limit, bs = cfg.world_limit or None, cfg.batch_size
         base_logits = last_logits(model, tok, sets["harmless_test"], bs)
         before = measure(model, tok, *test, world_data=world, world_limit=limit, batch_size=bs)
         before["induced_refusal_harmless"] = induced_refusal(
-            model, tok, sets["harmless_test"], r, coeff, best.layer, layout
+            model, tok, sets["harmless_test"], r, coeff, layer, layout
         )
         with tempfile.TemporaryDirectory() as staged:
-            saved = (
-                save_edit(
-                    model, tok, r, layout, Path(staged) / "final", cfg.output, cfg.norm_preserving
-                )  # fmt: skip
-                if cfg.method == "weights"
-                else "none (method=hooks)"
-            )
+            final = Path(staged) / "final"
+            if cfg.search:
+                saved = save_searched(model, tok, layout, best, directions, final)
+            elif cfg.method == "weights":
+                saved = save_edit(model, tok, r, layout, final, cfg.output, cfg.norm_preserving)
+            else:
+                saved = "none (method=hooks)"
             after = measure_after(cfg, model, tok, r, layout, test, base_logits, world, limit)
             report = {
                 "model": cfg.model,
@@ -210,13 +232,15 @@ def abliterate(cfg: AbliterateConfig) -> dict:
                 "refusal_tokens": [tok.decode([i]) for i in ids],
                 "refusal_token_ids": ids,
                 "validation_refusal_rate": val_rate,
-                "chosen": best.as_dict() | {"coeff": coeff},
+                "chosen": chosen,
                 "saved": saved,
                 "before": before,
                 "after": after,
                 "seconds": round(time.time() - start, 1),
                 "candidates": [c.as_dict() for c in candidates],
             }
+            if cfg.search:
+                report["search"] = best.as_dict()
             if cfg.heal:
                 report |= healed(cfg, Path(staged), test, base_logits, world)
             write_run(cfg, report, directions, norms, r, candidates, best, Path(staged))
@@ -256,6 +280,16 @@ def healed(cfg: AbliterateConfig, staged: Path, test, base_logits, world) -> dic
     return {"healed": numbers, "heal": {"data": str(data), "steps": cfg.heal_steps} | metrics}
 
 
+def save_searched(model, tok, layout, result, directions, final: Path) -> str:
+    """Bake the searched edit into `model` in place and write final/ (a full model)."""
+    from posttrain.steer.search import apply_trial
+
+    apply_trial(model, layout, result.chosen.params, directions, result.position)
+    model.save_pretrained(str(final))
+    tok.save_pretrained(str(final))
+    return "full"
+
+
 def measure_after(cfg, model, tok, r, layout, test, base_logits, world, limit) -> dict:
     """`measure` on the edited weights, or with the ablation hooks on."""
     import contextlib
@@ -281,7 +315,12 @@ def write_run(cfg, report, directions, norms, r, candidates, best, staged: Path)
         save_directions(out / "directions.safetensors", directions, norms=norms, direction=r)
         write_json(out / "report.json", report)
         write_text_atomic(out / "config.yaml", dump_yaml(cfg))
-        plot_scores(candidates, best, cfg.kl_limit, out / "scores.png")
+        if cfg.search:
+            from posttrain.steer.search import plot_pareto
+
+            plot_pareto(best, out / "pareto.png")
+        else:
+            plot_scores(candidates, best, cfg.kl_limit, out / "scores.png")
 
 
 def summary(report: dict) -> str:
