@@ -298,6 +298,10 @@ def search(
         kl = float(kl_rows(last_logits(model, tok, harmless_val, batch_size), base).mean())
         share = float((odds > 0).float().mean())
         records.append(TrialRecord(trial.number, params, share, kl, float(odds.mean())))
+        if (trial.number + 1) % 20 == 0 or trial.number + 1 == n_trials:
+            best = min(records, key=lambda t: (t.kl > kl_limit, t.refusal_share, t.kl))
+            print(f"search: trial {trial.number + 1}/{n_trials}; fewest refusals within the "
+                  f"KL limit so far {best.refusal_share:.2f} (KL {best.kl:.3f})", flush=True)  # fmt: skip
         return share, kl
 
     verbosity = optuna.logging.get_verbosity()
