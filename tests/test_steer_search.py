@@ -12,6 +12,7 @@ from posttrain.errors import UserError
 from posttrain.evaluate.generate import last_logits
 from posttrain.evaluate.kl import kl_rows
 from posttrain.evaluate.refusal import log_odds
+from posttrain.steer import search as steer_search
 from posttrain.steer.abliterate import compute_directions
 from posttrain.steer.directions import normalize
 from posttrain.steer.interventions import orthogonalize
@@ -155,8 +156,14 @@ def run_search(world, seed: int):
                   kl_limit=KL_LIMIT, skip_last=0.0, seed=seed, batch_size=8)  # fmt: skip
 
 
-def test_search_front_choice_restore_and_seed(world, tmp_path):
+def test_search_front_choice_restore_and_seed(world, tmp_path, monkeypatch):
     model, tok, layout, dirs, _, ids = world
+    # a random model never writes a refusal marker: score refusals by first-token log-odds
+    # over half the probability mass instead, so that edits flip some and a front exists
+    first_token_share = lambda m, t, prompts, bs: float(  # noqa: E731
+        (log_odds(last_logits(m, t, prompts, bs), ids) > 0).float().mean()
+    )
+    monkeypatch.setattr(steer_search, "refused_share", first_token_share)
     before = state(model)
     result = run_search(world, seed=3)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # restored

@@ -25,16 +25,17 @@ a copy of the original writer tensors (`original_writers`), and the search resto
 the end: the model is never deep-copied.
 
 Objectives, both minimised, on the validation prompts: the share of harmful prompts whose
-first-token refusal log-odds (`evaluate.refusal.log_odds`) is > 0, and the mean first-token
-KL on harmless prompts against the unedited logits (`evaluate.kl.kl_rows`). The front is
+greedy reply (`REPLY_TOKENS` long) carries a refusal marker (`evaluate.refusal.refusal_rate`,
+what the report measures; the first-token log-odds > 0 proved optimistic: a search that drove
+it to 0 left 29% of replies refusing), and the mean first-token KL on harmless prompts against the unedited logits (`evaluate.kl.kl_rows`). The front is
 Optuna's `best_trials`. The chosen trial (`choose`): the lowest refusal share among trials with
 KL <= kl_limit, ties by KL. When no trial under the limit refuses less than the unedited model
 (the least-KL trial would then be an edit that removes nothing), the lowest refusal share of
 all, ties by KL, flagged `passed=False` (the same fallback as `abliterate.select_candidate`).
 Both choices lie on the front.
 
-Simplified on purpose: a single post-instruction position for the direction; the first-token
-refusal score instead of generated replies or a judge; no norm-preserving variant; no
+Simplified on purpose: a single post-instruction position for the direction; marker phrases
+instead of a judge; no norm-preserving variant; no
 pruning; trials run one after another.
 """
 
@@ -50,13 +51,14 @@ from torch import nn
 from posttrain.errors import UserError
 from posttrain.evaluate.generate import Prompt, last_logits
 from posttrain.evaluate.kl import kl_rows
-from posttrain.evaluate.refusal import log_odds
+from posttrain.evaluate.refusal import log_odds, refusal_rate
 from posttrain.steer.abliterate import candidate_layers
 from posttrain.steer.directions import interpolate_layers
 from posttrain.steer.interventions import unit
 from posttrain.steer.residual import ResidualLayout, Writer, untie_lm_head
 
 MAX_WEIGHT = 1.5
+REPLY_TOKENS = 12  # reply length the refusal objective reads markers in
 
 
 def kernel_weights(
@@ -200,7 +202,7 @@ class TrialRecord:
 
     number: int
     params: dict
-    refusal_share: float  # harmful prompts with refusal log-odds > 0
+    refusal_share: float  # harmful prompts whose greedy reply is a refusal
     kl: float  # harmless first-token KL to the unedited model
     refusal_score: float  # mean refusal log-odds on harmful prompts (reported, not optimised)
 
@@ -260,6 +262,11 @@ def import_optuna():
     return optuna
 
 
+def refused_share(model: nn.Module, tok, prompts: Sequence[Prompt], batch_size: int) -> float:
+    """Share of `prompts` whose greedy reply (REPLY_TOKENS long) has a refusal marker."""
+    return refusal_rate(model, tok, prompts, REPLY_TOKENS, batch_size)["refusal_rate"]
+
+
 def search(
     model: nn.Module,
     tok,
@@ -286,8 +293,7 @@ def search(
     untie_lm_head(model)
     originals = original_writers(layout)
     base = last_logits(model, tok, harmless_val, batch_size)
-    odds = log_odds(last_logits(model, tok, harmful_val, batch_size), refusal_ids)
-    baseline_share = float((odds > 0).float().mean())
+    baseline_share = refused_share(model, tok, harmful_val, batch_size)
     records: list[TrialRecord] = []
 
     def objective(trial) -> tuple[float, float]:
@@ -296,7 +302,7 @@ def search(
         edit_writers(layout, originals, r, block_weights(params, comps, n_blocks))
         odds = log_odds(last_logits(model, tok, harmful_val, batch_size), refusal_ids)
         kl = float(kl_rows(last_logits(model, tok, harmless_val, batch_size), base).mean())
-        share = float((odds > 0).float().mean())
+        share = refused_share(model, tok, harmful_val, batch_size)
         records.append(TrialRecord(trial.number, params, share, kl, float(odds.mean())))
         if (trial.number + 1) % 20 == 0 or trial.number + 1 == n_trials:
             best = min(records, key=lambda t: (t.kl > kl_limit, t.refusal_share, t.kl))
