@@ -20,6 +20,7 @@ takes the demo context and returns the model folder or run directory it produced
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ PROMPTS = (
 
 POLICY_METRICS = ("accuracy", "gold_reward", "perplexity")
 GOLD_SETS = ("prompts_test", "harmful_test", "harmless_test")  # what gold_reward generates on
+ABLITERATION_METRICS = ("refusal_rate_harmful", "refusal_rate_harmless", "accuracy", "perplexity")
 DPO_SETTINGS = {
     "adapter": "lora", "lora": {"r": 16, "alpha": 32}, "loss": "dpo", "beta": 0.1,
     "sft_weight": 1.0, "lr": 5e-4, "epochs": 6, "batch_size": 16, "max_length": 256,
@@ -178,6 +180,28 @@ def evaluate_dpo(ctx: Context, model_path: str) -> tuple[dict, dict]:
     return metrics, completions
 
 
+def train_abliterate(ctx: Context) -> str:
+    """The DPO model (it refuses harmful requests) with its refusal direction erased."""
+    from posttrain.steer.cli import abliterate
+
+    run = ctx.out / "runs" / "abliterate"
+    abliterate({"model": ctx.models["dpo"], "projected": True, "force": True,
+                "output_dir": str(run), "world_limit": 60 if ctx.quick else 0,
+                "max_prompts": 48 if ctx.quick else 256})  # fmt: skip
+    return str(run)
+
+
+def evaluate_abliterate(ctx: Context, run: str) -> tuple[dict, dict]:
+    """Held-out numbers before and after the edit, from the run's report."""
+    report = json.loads((Path(run) / "report.json").read_text())
+    before, after = report["before"], report["after"]
+    metrics = {f"{key}_{when}": numbers[key] for key in ABLITERATION_METRICS
+               for when, numbers in (("before", before), ("after", after))}  # fmt: skip
+    metrics |= {"kl_harmless": after["kl_harmless"], "layer": report["chosen"]["layer"],
+                "induced_refusal_harmless": before["induced_refusal_harmless"]}  # fmt: skip
+    return metrics, {}
+
+
 STAGES = (
     Stage("base", "Base model (pretrained only)", train_base),
     Stage("sft", "SFT with LoRA", train_sft),
@@ -189,6 +213,13 @@ STAGES = (
         "pairwise_accuracy",
     ),  # fmt: skip
     Stage("dpo", "DPO from SFT (LoRA, + NLL of chosen)", train_dpo, evaluate_dpo, "gold_reward"),
+    Stage(
+        "abliterate",
+        "Abliteration of the DPO model (refusal direction erased)",
+        train_abliterate,
+        evaluate_abliterate,
+        "refusal_rate_harmful_after",
+    ),  # fmt: skip
 )
 
 
@@ -293,6 +324,7 @@ def report(ctx, results: dict, completions: dict, seconds: dict, plots: dict) ->
         "SFT) on the model's own greedy replies to those prompts.",
     ]
     lines += reward_section(results, seconds)
+    lines += abliteration_section(results, seconds)
     lines += ["", "## Completions (greedy, through the chat template)", ""]
     for prompt in PROMPTS:
         lines.append(f"**{prompt}**")
@@ -319,6 +351,23 @@ def reward_section(results: dict, seconds: dict) -> list[str]:
     lines.append(
         f"| {r['pairwise_accuracy']:.3f} | " + " | ".join(by_pair) + f" | {seconds['reward']} |"
     )
+    return lines
+
+
+def abliteration_section(results: dict, seconds: dict) -> list[str]:
+    """The DPO model before and after its refusal direction is erased."""
+    if "abliterate" not in results:
+        return []
+    r = results["abliterate"]
+    lines = ["", "## Abliteration of the DPO model: held-out prompts", ""]
+    lines += ["| | " + " | ".join(ABLITERATION_METRICS) + " |", "|---" * 5 + "|"]
+    for when in ("before", "after"):
+        cells = [f"{r[f'{key}_{when}']:.3f}" for key in ABLITERATION_METRICS]
+        lines.append(f"| {when} | " + " | ".join(cells) + " |")
+    lines += ["", f"Stream point {r['layer']}; first-token KL on harmless prompts "
+              f"{r['kl_harmless']:.3f}; adding the direction makes "
+              f"{r['induced_refusal_harmless']:.0%} of harmless prompts refuse; "
+              f"{seconds['abliterate']} s."]  # fmt: skip
     return lines
 
 

@@ -69,7 +69,9 @@ def test_quick_demo_sft_beats_the_base_model(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", f"output_dir={out}"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results) >= {"base", "sft", "reward", "dpo"}
+    assert set(results) >= {"base", "sft", "reward", "dpo", "abliterate"}
+    ablated = results["abliterate"]
+    assert ablated["refusal_rate_harmful_after"] <= ablated["refusal_rate_harmful_before"]
     assert results["dpo"]["kl_to_sft"] > 0 and "harmful" in results["dpo"]["gold_reward_by_task"]
     assert results["reward"]["pairwise_accuracy"] > 0.6  # chance is 0.5
     assert results["sft"]["accuracy"] > results["base"]["accuracy"] + 0.2
@@ -81,4 +83,5 @@ def test_quick_demo_sft_beats_the_base_model(tmp_path):
     }
     report = (out / "report.md").read_text()
     assert "Translate cheese from English to French." in report
+    assert "## Abliteration of the DPO model" in report
     assert (out / "plots" / "sft.png").stat().st_size > 0
