@@ -113,24 +113,18 @@ def train_sft(ctx: Context) -> str:
 
 
 def train_reward(ctx: Context) -> str:
-    """A LoRA reward model on the gold-labelled preference pairs, from the base model."""
+    """A reward model on the gold-labelled preference pairs: a score head plus a learned weight
+    x the SFT model's log-likelihood of the response (`readout=last+loglik`; the SFT model is
+    frozen). A last-token head alone, from the base or the SFT model, stays near 0.88: it cannot
+    tell right answers from wrong ones."""
     from posttrain.train.reward import reward
 
     run = ctx.out / "runs" / "reward"
-    reward(
-        {
-            "model": ctx.base,
+    reward({"model": ctx.models["sft"], "readout": "last+loglik",
             "data": {"train": str(ctx.data / "preference_train.jsonl")},
-            "output_dir": str(run),
-            "lora": {"r": 16, "alpha": 32},
-            "batch_size": 16,
-            "epochs": 1 if ctx.quick else 4,
-            "lr": 1e-3,
-            "warmup": 0.05,
-            "log_every": 10,
-            "offline": True,
-        }
-    )
+            "output_dir": str(run), "batch_size": 16, "epochs": 1 if ctx.quick else 4,
+            "lr": 1e-2, "schedule": "constant", "warmup": 0.0, "max_grad_norm": 0.0,
+            "log_every": 10, "offline": True})  # fmt: skip
     return str(run)
 
 
@@ -207,7 +201,7 @@ STAGES = (
     Stage("sft", "SFT with LoRA", train_sft),
     Stage(
         "reward",
-        "Reward model (LoRA, Bradley-Terry)",
+        "Reward model (Bradley-Terry; head + SFT log-likelihood)",
         train_reward,
         evaluate_reward,
         "pairwise_accuracy",

@@ -120,3 +120,42 @@ def test_bad_preference_rows_are_one_line_errors(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "bad.jsonl:1" in err and "rejected" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_loglik_readout_is_head_plus_weighted_response_loglik(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.modeling.loglik_reward import LoglikReward
+
+    tok = tiny_tokenizer("chatml")
+    model = LoglikReward(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32))
+    with torch.no_grad():
+        model.loglik_weight.fill_(0.7)
+    rows = [(f"r{i}", {"prompt": p, "chosen": g, "rejected": b}) for i, (p, g, b) in
+            enumerate(PAIRS)]  # fmt: skip
+    examples, _ = tokenize_ranked(rows, tok, 64)
+    batch = collate_ranked(examples, [[0, 1, 2]], tok.pad_token_id)
+    got = model(batch)
+    for n, r in enumerate(r for e in examples for r in e["responses"]):
+        out = model.lm(input_ids=torch.tensor([r["input_ids"]]), output_hidden_states=True)
+        logp = out.logits[0].log_softmax(-1)
+        loglik = sum(logp[t, y] for t, y in enumerate(r["targets"]) if y != -100)
+        want = model.score(out.hidden_states[-1][0, -1]).squeeze() + 0.7 * loglik
+        torch.testing.assert_close(got[n], want, rtol=1e-5, atol=1e-5)
+
+
+def test_loglik_readout_trains_only_the_head_and_scores_after_saving(tiny_dir, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "run"
+    assert main(args(tiny_dir, data, out, "readout=last+loglik", "max_steps=8",
+                     "max_grad_norm=0")) == 0  # fmt: skip
+    head = load_file(str(out / "final" / "reward_head.safetensors"))
+    assert float(head["loglik_weight"]) != 0.0
+    saved = load_file(str(out / "final" / "model.safetensors"))
+    original = load_file(f"{tiny_dir}/model.safetensors")
+    assert all(torch.equal(saved[k], original[k]) for k in original)  # the LM stayed frozen
+    model, tok = load_scorer(str(out))
+    rows = [{"prompt": p, "completion": c} for p, c in [PAIRS[1][:2], PAIRS[1][::2]]]
+    good, bad = score(model, tok, rows)
+    assert good > bad
+    assert main(args(tiny_dir, data, tmp_path / "x", "readout=mean")) == 2

@@ -225,6 +225,18 @@ def chunk_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor)
     return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(-1)  # (C,)
 
 
+def row_logprobs(
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p(target) per row, targets per row), both (R,) float32, from (R, T, H)
+    hidden states and (R, T) targets (IGNORE_INDEX where nothing is predicted)."""
+    keep = targets != IGNORE_INDEX
+    logps = token_logprobs(hidden[keep], head, targets[keep])  # (N,)
+    row = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
+    sums = torch.zeros(targets.shape[0], device=logps.device, dtype=logps.dtype)
+    return sums.index_add(0, row, logps), keep.sum(1).to(logps.dtype)
+
+
 def chunk_cross_entropy(
     head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:

@@ -49,7 +49,7 @@ from posttrain.data.preference import tokenize_unpaired
 from posttrain.errors import UserError
 from posttrain.io import write_json
 from posttrain.losses import preference as P
-from posttrain.losses.lm import IGNORE_INDEX, final_hidden, output_head, token_logprobs
+from posttrain.losses.lm import final_hidden, output_head, row_logprobs
 from posttrain.train import dist
 from posttrain.train.reward import collate_ranked, load_examples, ranked_job
 from posttrain.train.run import begin_run, load_splits, load_trainable_model, run_job
@@ -93,13 +93,7 @@ class DPOConfig(TrainConfig):
 
 def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p(target) per row, trained tokens per row), both (rows,) float32."""
-    hidden = final_hidden(model, batch)  # (R, T, H)
-    targets = batch["targets"]  # (R, T)
-    keep = targets != IGNORE_INDEX
-    logps = token_logprobs(hidden[keep], output_head(model), targets[keep])  # (N,)
-    row = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
-    sums = torch.zeros(targets.shape[0], device=logps.device, dtype=logps.dtype)
-    return sums.index_add(0, row, logps), keep.sum(1).to(logps.dtype)
+    return row_logprobs(final_hidden(model, batch), output_head(model), batch["targets"])
 
 
 def reference_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:

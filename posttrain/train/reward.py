@@ -9,6 +9,10 @@ for pairs (margin from the row's optional `margin` field), Plackett-Luce for ran
 same thing at K=2), plus `center_coef * (r_w + r_l)^2` when set (keeps rewards near zero).
 Metrics: pairwise accuracy (the best response scores highest) and the mean margin r_1 - r_2.
 
+`readout=last+loglik` (`modeling.loglik_reward`) adds a learned weight times the response's
+log-likelihood under the frozen model to the head: a last-token head cannot tell right
+answers from wrong ones in the tiny world; the SFT model's likelihood can.
+
 Simplified on purpose: no packing (each response is its own right-padded row), and the
 reward is read at the last non-pad token (so a tokenizer whose pad is its eos scores the
 token before a final eos).
@@ -22,15 +26,16 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from posttrain.config import TrainConfig, build_config, opt
+from posttrain.config import TrainConfig, build_config, check, opt
 from posttrain.data.batching import plan_batches
 from posttrain.data.load import load_rows
 from posttrain.data.preference import encode_responses, tokenize_ranked
 from posttrain.data.tokenize import IGNORE
 from posttrain.errors import UserError
 from posttrain.losses.preference import bradley_terry, center_penalty, plackett_luce
+from posttrain.modeling import loglik_reward
 from posttrain.modeling.adapters import (
     apply_adapter,
     load_trainable_state,
@@ -39,9 +44,12 @@ from posttrain.modeling.adapters import (
     trainable_summary,
 )
 from posttrain.modeling.load import load_model
+from posttrain.modeling.loglik_reward import LoglikReward
 from posttrain.train import dist
 from posttrain.train.loop import Job
 from posttrain.train.run import begin_run, load_splits, run_job
+
+READOUTS = ("last", "last+loglik")
 
 
 @dataclass
@@ -49,6 +57,14 @@ class RewardConfig(TrainConfig):
     """`posttrain reward`: the shared training keys plus the reward-centering coefficient."""
 
     center_coef: float = opt(0.0, "weight of the reward-centering term (r_w + r_l)^2; 0 = off")
+    readout: str = opt("last", "last: a score head on the last token; last+loglik: plus a "
+                               "learned weight x the response's log-likelihood under the frozen "
+                               "model (start from an SFT model; only the head trains, the adapter "
+                               "key is ignored)")  # fmt: skip
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.readout in READOUTS, "readout", f"must be one of {', '.join(READOUTS)}")
 
 
 def collate_ranked(examples: list[dict], spec: list[list[int]], pad_id: int) -> dict:
@@ -77,6 +93,8 @@ def collate_ranked(examples: list[dict], spec: list[list[int]], pad_id: int) -> 
 
 def rewards_of(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """(B, K) rewards, best response first."""
+    if isinstance(model, LoglikReward):
+        return model(batch).view(-1, int(batch["k"]))
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return out.logits.float().squeeze(-1).view(-1, int(batch["k"]))
 
@@ -146,6 +164,8 @@ def ranked_job(cfg: TrainConfig, model, tokenizer, train: list, evals: list, los
 
 def load_reward_model(cfg: RewardConfig, tokenizer, device: torch.device) -> torch.nn.Module:
     """Base LM with a one-label score head, the adapter applied, the head always trained."""
+    if cfg.readout == "last+loglik":
+        return LoglikReward(load_model(cfg, tokenizer, AutoModelForCausalLM)).to(device)
     if cfg.adapter in ("prefix", "prompt", "trainable_tokens", "qlora"):
         raise UserError(f"adapter={cfg.adapter} is not supported for reward models")
     model = load_model(cfg, tokenizer, AutoModelForSequenceClassification).to(device)
@@ -167,7 +187,10 @@ def reward(cfg: RewardConfig | dict) -> dict[str, float]:
     )
     model = load_reward_model(cfg, tokenizer, device)
     loss = partial(reward_loss, center_coef=cfg.center_coef)
-    return run_job(ranked_job(cfg, model, tokenizer, train, evals, loss), cfg, device)
+    job = ranked_job(cfg, model, tokenizer, train, evals, loss)
+    if isinstance(model, LoglikReward):
+        job.save_final = lambda m, path: loglik_reward.save(m, tokenizer, path)
+    return run_job(job, cfg, device)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -183,6 +206,8 @@ def load_scorer(path: str):
 
     where = resolve_model_path(path)
     tokenizer = AutoTokenizer.from_pretrained(where)
+    if loglik_reward.is_loglik_reward(where):
+        return loglik_reward.load(where).eval(), tokenizer
 
     def load_full(name: str) -> torch.nn.Module:
         return AutoModelForSequenceClassification.from_pretrained(
