@@ -346,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--heretic-python", default="/tmp/heretic/bin/python",
                         help="python of the side venv where heretic-llm is installed")  # fmt: skip
-    parser.add_argument("--model", help="refusal model or run (default: evidence/abliteration.py's)")
+    parser.add_argument(
+        "--model", help="refusal model or run (default: evidence/abliteration.py's)"
+    )
     parser.add_argument("--work", default="runs/bench-abliterate", help="working folder")
     parser.add_argument("--trials", type=int, default=200, help="heretic n_trials (its default)")
     parser.add_argument("--kl-limit", type=float, default=0.1, help="KL bound of pick (b)")
