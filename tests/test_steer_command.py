@@ -78,6 +78,10 @@ def test_identical_sets_have_no_behaviour_and_bad_keys_name_themselves(files, tm
         main(args(files, tmp_path / "y", "mode=amplify"))
     with pytest.raises(UserError, match="negative"):
         main([str(files["model"]), f"positive={files['fr']}"])
+    with pytest.raises(UserError, match="missing.txt: no such file"):
+        main(
+            [str(files["model"]), f"positive={tmp_path / 'missing.txt'}", f"negative={files['de']}"]
+        )
     with pytest.raises(UserError, match="at least 30"):
         main(args(files, tmp_path / "z", "min_prompts=30"))
 

@@ -49,6 +49,8 @@ def row_prompt(where: str, row: dict) -> Prompt:
 def read_prompts(source: str) -> list[Prompt]:
     """The prompts of a data file or dataset, or of a text file (one per line)."""
     path = Path(source)
+    if path.suffix.lower() == ".txt" and not path.is_file():
+        raise UserError(f"{source}: no such file")
     if path.is_file() and path.suffix.lower() not in FILE_TYPES:
         try:
             lines = path.read_text(encoding="utf-8-sig").splitlines()
