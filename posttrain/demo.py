@@ -361,7 +361,8 @@ def abliteration_section(results: dict, seconds: dict) -> list[str]:
     lines += ["", f"Stream point {r['layer']}; first-token KL on harmless prompts "
               f"{r['kl_harmless']:.3f}; adding the direction makes "
               f"{r['induced_refusal_harmless']:.0%} of harmless prompts refuse; "
-              f"{seconds['abliterate']} s."]  # fmt: skip
+              f"{seconds['abliterate']} s.", "",
+              "![per-layer candidate scores](runs/abliterate/scores.png)"]  # fmt: skip
     return lines
 
 

@@ -84,4 +84,5 @@ def test_quick_demo_sft_beats_the_base_model(tmp_path):
     report = (out / "report.md").read_text()
     assert "Translate cheese from English to French." in report
     assert "## Abliteration of the DPO model" in report
+    assert (out / "runs" / "abliterate" / "scores.png").stat().st_size > 0  # linked from it
     assert (out / "plots" / "sft.png").stat().st_size > 0
