@@ -117,12 +117,12 @@ def removed(model_path: str, report: dict, sets: dict, out: Path) -> dict:
 
 
 def read_test(out: Path, kind: str, report: dict) -> list[str]:
-    """The held-out part of one set, split as `posttrain steer` splits it by default."""
-    from posttrain.steer.prompts import read_prompts, split_prompts
+    """The held-out part of one set, exactly as `posttrain steer` split it for this run."""
+    from posttrain.steer.steer_cli import SteerConfig, read_sets
 
-    lang = "french" if kind == "positive" else "german"
-    prompts = read_prompts(str(out / f"{lang}.txt"))
-    return split_prompts(prompts, [0.2, 0.2], 0)[2][: report["prompts"][f"{kind}_test"]]
+    cfg = SteerConfig(model=report["model"], positive=str(out / "french.txt"),
+                      negative=str(out / "german.txt"))  # fmt: skip
+    return read_sets(cfg)[f"{kind}_test"]
 
 
 def main() -> None:

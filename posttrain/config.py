@@ -195,6 +195,17 @@ def load_config(cls: type[T], path: str | None = None, overrides: list[str] | No
     return build_config(cls, raw)
 
 
+def positional_config(cls: type[T], argv: list[str], key: str = "model") -> T:
+    """`ARG key=value ...` -> a validated `cls`; the one argument without '=' sets `key`."""
+    positional = [a for a in argv if "=" not in a]
+    if len(positional) > 1:
+        raise UserError(
+            f"unexpected argument {positional[1]!r}; expected {key.upper()} key=value ..."
+        )
+    overrides = [a for a in argv if "=" in a] + [f"{key}={p}" for p in positional]
+    return load_config(cls, None, overrides)
+
+
 def build_config(cls: type[T], raw: dict[str, Any] | T) -> T:
     """A validated `cls` from a dict (or an instance, which is re-validated)."""
     cfg = raw if isinstance(raw, cls) else from_dict(cls, raw, prefix="")

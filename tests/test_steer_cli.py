@@ -142,6 +142,8 @@ def test_heal_dpo_trains_the_edited_weights_and_measures_them_again(files, tmp_p
     assert any(not torch.equal(healed[k], plain[k]) for k in plain)
     with pytest.raises(UserError, match="heal needs method=weights and output=full"):
         main(args(files, tmp_path / "x", "heal=dpo", "method=hooks"))
+    with pytest.raises(UserError, match=r"heal_data .*missing.jsonl: no such file"):
+        main(args(files, tmp_path / "x", "heal=dpo", f"heal_data={tmp_path / 'missing.jsonl'}"))
 
 
 def test_search_optuna_saves_the_chosen_edit_and_the_front(files, tmp_path):

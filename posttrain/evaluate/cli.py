@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.config import help_text, load_config, opt
+from posttrain.config import help_text, opt, positional_config
 from posttrain.errors import UserError
 from posttrain.io import write_json
 
@@ -88,11 +88,5 @@ def main(argv: list[str]) -> None:
     if "-h" in argv or "--help" in argv:
         print(help_text(EvalConfig, "eval MODEL_OR_RUN"))
         return
-    positional = [a for a in argv if "=" not in a]
-    if len(positional) > 1:
-        raise UserError(
-            f"unexpected argument {positional[1]!r}; expected MODEL_OR_RUN key=value ..."
-        )
-    overrides = [a for a in argv if "=" in a] + [f"model={p}" for p in positional]
-    results = run_eval(load_config(EvalConfig, None, overrides))
+    results = run_eval(positional_config(EvalConfig, argv))
     print(table(results))

@@ -5,10 +5,10 @@
 `posttrain reward readout=last+loglik`: the LM (an SFT model, typically) is frozen; only the
 linear head (w, b) on the final hidden state of the last non-pad token and the scalar weight
 a train. Why: in the tiny world a last-token head, however trained, ranks a right answer above
-a wrong one for only 0.65-0.68 of held-out pairs (linear probes of every layer and position
-agree: the hidden states do not encode correctness linearly), while the SFT model's own
-log-likelihood ranks them 0.97 but prefers complying with harmful requests; the head learns
-refusals, politeness and length, the log-likelihood term correctness. Both come from one
+a wrong one for only 61-70% of held-out pairs, while the SFT model answers most test items
+right (so its log-likelihood knows which answer is right) but prefers complying with harmful
+requests; the head learns refusals, politeness and length, the log-likelihood term
+correctness (README: 99% of held-out pairs). Both come from one
 forward pass (the chunked hidden-state path of `losses.lm`; the full logits never exist).
 
 Saved as a model folder: the LM as `save_pretrained` writes it (loads in plain transformers)

@@ -27,7 +27,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.config import build_config, check, dump_yaml, help_text, load_config, opt
+from posttrain.config import (
+    build_config,
+    check,
+    dump_yaml,
+    help_text,
+    opt,
+    positional_config,
+)
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir, write_json, write_text_atomic
 
@@ -113,6 +120,15 @@ class AbliterateConfig:
         check(not self.heal or (self.method, self.output) == ("weights", "full"), "heal",
               "needs method=weights and output=full (it trains the edited weights)")  # fmt: skip
         check(self.heal_steps >= 1, "heal_steps", "must be >= 1")
+        check(not local_file_missing(self.heal_data), "heal_data",
+              f"{self.heal_data}: no such file")  # fmt: skip
+
+
+def local_file_missing(source: str) -> bool:
+    """A data-file path (by its extension) that does not exist: checked before any work."""
+    from posttrain.data.load import FILE_TYPES
+
+    return Path(source).suffix.lower() in FILE_TYPES and not Path(source).is_file()
 
 
 def prompt_sets(cfg: AbliterateConfig, tmp: str) -> tuple[dict, str | None]:
@@ -342,11 +358,7 @@ def main(argv: list[str]) -> None:
     if "-h" in argv or "--help" in argv:
         print(help_text(AbliterateConfig, "abliterate MODEL_OR_RUN"))
         return
-    positional = [a for a in argv if "=" not in a]
-    if len(positional) > 1:
-        raise UserError(f"unexpected argument {positional[1]!r}; expected MODEL_OR_RUN key=value")
-    overrides = [a for a in argv if "=" in a] + [f"model={p}" for p in positional]
-    cfg = load_config(AbliterateConfig, None, overrides)
+    cfg = positional_config(AbliterateConfig, argv)
     report = abliterate(cfg)
     print(summary(report))
     print(f"wrote {cfg.output_dir}")

@@ -35,7 +35,14 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.config import build_config, check, dump_yaml, help_text, load_config, opt
+from posttrain.config import (
+    build_config,
+    check,
+    dump_yaml,
+    help_text,
+    opt,
+    positional_config,
+)
 from posttrain.errors import UserError
 from posttrain.evaluate.generate import Prompt, generate, last_logits
 from posttrain.evaluate.kl import kl_rows
@@ -258,11 +265,7 @@ def main(argv: list[str]) -> None:
     if "-h" in argv or "--help" in argv:
         print(help_text(SteerConfig, "steer MODEL_OR_RUN"))
         return
-    positional = [a for a in argv if "=" not in a]
-    if len(positional) > 1:
-        raise UserError(f"unexpected argument {positional[1]!r}; expected MODEL_OR_RUN key=value")
-    overrides = [a for a in argv if "=" in a] + [f"model={p}" for p in positional]
-    cfg = load_config(SteerConfig, None, overrides)
+    cfg = positional_config(SteerConfig, argv)
     report = steer(cfg)
     print(summary(report))
     print(f"wrote {cfg.output_dir}")

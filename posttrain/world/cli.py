@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from posttrain.config import help_text, load_config, opt
+from posttrain.config import help_text, opt, positional_config
 from posttrain.errors import UserError
 
 USAGE = (
@@ -28,12 +28,7 @@ def write_data(argv: list[str]) -> None:
     if "-h" in argv or "--help" in argv:
         print(help_text(DataConfig, "world data OUT_DIR"))
         return
-    positional = [a for a in argv if "=" not in a]
-    if len(positional) > 1:
-        raise UserError(f"unexpected argument {positional[1]!r}; {USAGE.splitlines()[0]}")
-    cfg = load_config(
-        DataConfig, None, [a for a in argv if "=" in a] + [f"out_dir={p}" for p in positional]
-    )
+    cfg = positional_config(DataConfig, argv, key="out_dir")
     if not cfg.out_dir:
         raise UserError(f"world data needs OUT_DIR; {USAGE.splitlines()[0]}")
     paths = write_world_data(cfg.out_dir, seed=cfg.seed, overwrite=cfg.overwrite)
