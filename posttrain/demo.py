@@ -192,7 +192,8 @@ def evaluate_abliterate(ctx: Context, run: str) -> tuple[dict, dict]:
     metrics = {f"{key}_{when}": numbers[key] for key in ABLITERATION_METRICS
                for when, numbers in (("before", before), ("after", after))}  # fmt: skip
     metrics |= {"kl_harmless": after["kl_harmless"], "layer": report["chosen"]["layer"],
-                "induced_refusal_harmless": before["induced_refusal_harmless"]}  # fmt: skip
+                "induced_refusal_harmless": before["induced_refusal_harmless"],
+                "induced_refusal_harmless_2x": before["induced_refusal_harmless_2x"]}  # fmt: skip
     return metrics, {}
 
 
@@ -360,7 +361,8 @@ def abliteration_section(results: dict, seconds: dict) -> list[str]:
         lines.append(f"| {when} | " + " | ".join(cells) + " |")
     lines += ["", f"Stream point {r['layer']}; first-token KL on harmless prompts "
               f"{r['kl_harmless']:.3f}; adding the direction makes "
-              f"{r['induced_refusal_harmless']:.0%} of harmless prompts refuse; "
+              f"{r['induced_refusal_harmless']:.0%} of harmless prompts refuse "
+              f"({r['induced_refusal_harmless_2x']:.0%} at twice its strength); "
               f"{seconds['abliterate']} s.", "",
               "![per-layer candidate scores](runs/abliterate/scores.png)"]  # fmt: skip
     return lines

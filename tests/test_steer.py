@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import types
 
 import pytest
@@ -301,6 +303,22 @@ def test_candidate_layers_skip_the_last_fifth_of_blocks():
     assert candidate_layers(5, 4, 0.2) == [0, 1, 2, 3, 4]  # 4 blocks: floor(0.8) = 0 skipped
     assert candidate_layers(33, 32, 0.2) == list(range(27))  # 32 blocks: 6 skipped
     assert candidate_layers(3, 2, 0.9) == [0, 1]
+
+
+def test_activation_addition_prompt_only_leaves_cached_decoding_alone():
+    """prompt_only shifts the prefill (the prompt) and not the one-token decoding steps: the
+    first reply token's logits change, a step fed the same cache is the model's own."""
+    model, ids = make_model("llama"), inputs()
+    layout, r = discover(model), direction(model)
+    with torch.no_grad():
+        plain = model(input_ids=ids, use_cache=True)
+        with activation_addition(model, r, 4.0, 1, layout, prompt_only=True):
+            shifted = model(input_ids=ids, use_cache=True)
+            nxt, cache = shifted.logits[:, -1:].argmax(-1), shifted.past_key_values
+            step = model(input_ids=nxt, past_key_values=copy.deepcopy(cache)).logits
+        free = model(input_ids=nxt, past_key_values=copy.deepcopy(cache)).logits
+    assert (shifted.logits - plain.logits).abs().max() > 1e-2  # the prompt is steered
+    torch.testing.assert_close(step, free)  # decoding steps are not
 
 
 def test_activation_addition_at_the_final_stream_point():

@@ -204,7 +204,7 @@ def abliterate(cfg: AbliterateConfig | dict) -> dict:
     """The whole command; returns the report (also written to output_dir/report.json)."""
     from posttrain.evaluate.generate import last_logits
     from posttrain.modeling.inference import load_for_inference, resolve_model_path
-    from posttrain.steer.evaluation import induced_refusal, measure
+    from posttrain.steer.evaluation import induced_refusals, measure
     from posttrain.steer.residual import discover
 
     cfg = build_config(AbliterateConfig, cfg)
@@ -230,9 +230,7 @@ def abliterate(cfg: AbliterateConfig | dict) -> dict:
         limit, bs = cfg.world_limit or None, cfg.batch_size
         base_logits = last_logits(model, tok, sets["harmless_test"], bs)
         before = measure(model, tok, *test, world_data=world, world_limit=limit, batch_size=bs)
-        before["induced_refusal_harmless"] = induced_refusal(
-            model, tok, sets["harmless_test"], r, coeff, layer, layout
-        )
+        before |= induced_refusals(model, tok, sets["harmless_test"], r, coeff, layer, layout)
         with tempfile.TemporaryDirectory() as staged:
             final = Path(staged) / "final"
             if cfg.search:
@@ -346,7 +344,8 @@ def summary(report: dict) -> str:
     for key in b:
         if key in a:
             lines.append(f"  {key:<26} {b[key]:>9.4f} -> {a[key]:.4f}")
-    lines.append(f"  {'induced_refusal_harmless':<26} {b['induced_refusal_harmless']:>9.4f}")
+    for key in ("induced_refusal_harmless", "induced_refusal_harmless_2x"):
+        lines.append(f"  {key:<26} {b[key]:>9.4f}")
     if "kl_harmless" in a:
         lines.append(f"  {'kl_harmless':<26} {a['kl_harmless']:>9.4f}")
     for key, value in report.get("healed", {}).items():

@@ -12,9 +12,11 @@ edited weights):
   second copy of the model);
 - with the tiny world's data: `accuracy` and `perplexity` (`evaluate.suite.evaluate_world`).
 
-`induced_refusal` adds the direction (activation addition at its layer, coefficient = the raw
-difference-of-means norm, Arditi et al.) to the original model and reports the marker rate on
-harmless prompts. `plot_scores` draws the per-layer candidate scores.
+`induced_refusals` adds the direction to the original model over the prompt (activation
+addition at its layer, `prompt_only`) and reports the marker rate on harmless prompts, at the
+raw difference-of-means norm (Arditi et al.'s coefficient: `induced_refusal_harmless`) and at
+twice it (`induced_refusal_harmless_2x`): how strongly the direction drives the behaviour, not
+only whether the mean shift suffices. `plot_scores` draws the per-layer candidate scores.
 
 Simplified on purpose: greedy replies, first-token KL only, `limit` rows of the world tests.
 """
@@ -69,12 +71,16 @@ def measure(
     return out
 
 
-def induced_refusal(
+def induced_refusals(
     model, tok, harmless: Sequence[Prompt], r: torch.Tensor, coeff: float, layer: int, layout
-) -> float:
-    """Marker refusal rate on harmless prompts with coeff * r added at `layer`."""
-    with activation_addition(model, r, coeff, layer, layout):
-        return refusal_rate(model, tok, harmless)["refusal_rate"]
+) -> dict[str, float]:
+    """Marker refusal rates on harmless prompts with coeff * r, then 2 * coeff * r, added over
+    the prompt at `layer` (see the module docstring)."""
+    out = {}
+    for multiple, key in ((1, "induced_refusal_harmless"), (2, "induced_refusal_harmless_2x")):
+        with activation_addition(model, r, multiple * coeff, layer, layout, prompt_only=True):
+            out[key] = refusal_rate(model, tok, harmless)["refusal_rate"]
+    return out
 
 
 def plot_scores(candidates: Sequence[Candidate], chosen: Candidate, kl_limit: float, out: Path):

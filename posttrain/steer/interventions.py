@@ -12,6 +12,10 @@
 (c) `activation_addition(model, r, coeff, layer)`: adds coeff * r to the input of block
     `layer` at every position, so the projection on r there shifts by exactly coeff (for unit r);
     `layer` = number of blocks adds it to the last block's output (the final stream point).
+    `prompt_only=True` adds it only in forwards of more than one position, which in cached
+    generation is the prompt (ActAdd's choice, Turner et al. 2023): the reply is then the
+    model's own continuation. At the final stream point this matters: added to every
+    generated position, the direction forces the behaviour's first token over and over.
 (d) `save_as_lora(model, r, path)`: the edit of (b) is rank 1 per matrix, -r (r^T W), so it is
     a peft LoRA adapter with r=1, alpha=1: lora_B = -r (d, 1), lora_A = r^T W (1, k)
     (embeddings: lora_embedding_B = -r, lora_embedding_A = (W_E r)^T; peft applies Gemma's
@@ -103,12 +107,19 @@ def activation_addition(
     coeff: float,
     layer: int,
     layout: ResidualLayout | None = None,
+    prompt_only: bool = False,
 ) -> Iterator[None]:
     """Inside the block, coeff * unit(r) is added to block `layer`'s input at every position
-    (to the last block's output when `layer` == the number of blocks)."""
+    (to the last block's output when `layer` == the number of blocks); with `prompt_only`,
+    only in forwards over more than one position (the prompt of a cached generation)."""
     layout = layout or discover(model)
     shift = coeff * unit(r)
-    add = lambda x: (x.float() + shift.to(x.device)).to(x.dtype)  # noqa: E731
+
+    def add(x: torch.Tensor) -> torch.Tensor:
+        if prompt_only and x.shape[-2] == 1:
+            return x
+        return (x.float() + shift.to(x.device)).to(x.dtype)
+
     if not 0 <= layer <= len(layout.blocks):
         raise ValueError(f"layer {layer} out of range 0..{len(layout.blocks)}")
     if layer == len(layout.blocks):

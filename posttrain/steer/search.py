@@ -345,7 +345,7 @@ def chosen_direction(
     result: SearchResult, directions: torch.Tensor, norms: torch.Tensor
 ) -> tuple[torch.Tensor, float, int]:
     """(unit direction, coefficient, nearest stream point) of the chosen trial: what
-    directions.safetensors records and `evaluation.induced_refusal` adds (the coefficient is
+    directions.safetensors records and `evaluation.induced_refusals` adds (the coefficient is
     the raw difference norm blended like the direction)."""
     index, pos = result.chosen.params["direction_index"], result.position
     low = int(index)
