@@ -4,7 +4,6 @@ bit-exact resume, reward errors, long prompts, the plan, and ratio 1 on the firs
 from __future__ import annotations
 
 import json
-import math
 import shutil
 
 import pytest
@@ -15,6 +14,7 @@ import posttrain.cli
 from posttrain.errors import UserError
 from posttrain.train.grpo import GRPOConfig, Rollouts, Spec, grpo, plan_rollouts
 from posttrain.train.online import completion_logprobs, load_prompts
+from tests.online_common import metrics, reward_fn, write_prompts
 from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 ENTRY = ("posttrain.train.grpo", "GRPOConfig", "grpo", "GRPO / RLOO / Dr. GRPO online RL")
@@ -23,19 +23,10 @@ ENTRY = ("posttrain.train.grpo", "GRPOConfig", "grpo", "GRPO / RLOO / Dr. GRPO o
 # ----------------------------------------------------------------------------- reward functions
 
 
-def reward_fn(prompts, completions, **_):
-    """Fraction of the letter e in the completion: trivially learnable by a tiny model."""
-    return [c.count("e") / max(len(c), 1) for c in completions]
-
-
 def reward_raises(prompts, completions, answer, **_):
     if any("boom" in p for p in prompts):
         raise ValueError("cannot score this prompt")
     return [float(c == a) for c, a in zip(completions, answer)]
-
-
-def reward_nan(prompts, completions, **_):
-    return [math.nan if "boom" in p else 0.0 for p in prompts]
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -46,21 +37,12 @@ def tiny_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("model") / "tiny", family="llama")
 
 
-def write_prompts(path, n=16, bad_row=None):
-    with open(path, "w") as f:
-        for i in range(n):
-            prompt = "boom" if i == bad_row else f"What is {i} plus {i}?"
-            f.write(json.dumps({"prompt": prompt, "answer": str(2 * i), "task": "arithmetic"}))
-            f.write("\n")
-    return str(path)
-
-
 def config(tiny_dir, data, out, **extra):
     cfg = {
         "model": tiny_dir,
         "data": {"train": data},
         "output_dir": str(out),
-        "reward": {"fn": ["tests.test_grpo:reward_fn"]},
+        "reward": {"fn": ["tests.online_common:reward_fn"]},
         "batch_size": 2,
         "num_generations": 4,
         "max_new_tokens": 8,
@@ -72,10 +54,6 @@ def config(tiny_dir, data, out, **extra):
     }
     cfg.update(extra)
     return cfg
-
-
-def metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -148,13 +126,16 @@ def cli(monkeypatch, args):
 
 @pytest.mark.parametrize(
     "fn,message",
-    [("reward_raises", "ValueError: cannot score this prompt"), ("reward_nan", "returned nan")],
+    [
+        ("tests.test_grpo:reward_raises", "ValueError: cannot score this prompt"),
+        ("tests.online_common:reward_nan", "returned nan"),
+    ],
 )
 def test_reward_errors_exit_2_naming_the_prompt(tiny_dir, tmp_path, monkeypatch, capsys, fn,
                                                 message):  # fmt: skip
     data = write_prompts(tmp_path / "p.jsonl", n=4, bad_row=2)
     args = [f"model={tiny_dir}", f"data.train={data}", f"output_dir={tmp_path / 'run'}",
-            f"reward.fn=tests.test_grpo:{fn}", "batch_size=4", "num_generations=2",
+            f"reward.fn={fn}", "batch_size=4", "num_generations=2",
             "max_new_tokens=4", "max_steps=1", "seed=1"]  # fmt: skip
     assert cli(monkeypatch, args) == 2
     err = capsys.readouterr().err
@@ -167,7 +148,7 @@ def test_reward_errors_exit_2_naming_the_prompt(tiny_dir, tmp_path, monkeypatch,
 def test_config_errors_name_the_key(tiny_dir, tmp_path, monkeypatch, capsys):
     data = write_prompts(tmp_path / "p.jsonl", n=4)
     base = [f"model={tiny_dir}", f"data.train={data}", f"output_dir={tmp_path / 'run'}"]
-    assert cli(monkeypatch, [*base, "reward.fn=tests.test_grpo:reward_fn", "num_generations=1"])
+    assert cli(monkeypatch, [*base, "reward.fn=tests.online_common:reward_fn", "num_generations=1"])
     assert "num_generations must be >= 2" in capsys.readouterr().err
     assert cli(monkeypatch, base) == 2
     assert "reward.fn or reward.model is required" in capsys.readouterr().err

@@ -4,8 +4,6 @@ and rollout slicing that keeps the sampler's log-probs."""
 
 from __future__ import annotations
 
-import json
-import math
 import shutil
 
 import pytest
@@ -24,6 +22,7 @@ from posttrain.train.ppo import (
     plan_rollouts,
     ppo,
 )
+from tests.online_common import metrics, reward_fn, write_prompts
 from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 ENTRY = ("posttrain.train.ppo", "PPOConfig", "ppo", "RLHF with PPO (value head, KL control)")
@@ -32,19 +31,10 @@ ENTRY = ("posttrain.train.ppo", "PPOConfig", "ppo", "RLHF with PPO (value head, 
 # ----------------------------------------------------------------------------- reward functions
 
 
-def reward_fn(prompts, completions, **_):
-    """Fraction of the letter e in the completion: trivially learnable by a tiny model."""
-    return [c.count("e") / max(len(c), 1) for c in completions]
-
-
 def reward_raises(prompts, completions, **_):
     if any("boom" in p for p in prompts):
         raise ValueError("cannot score this prompt")
     return [0.0] * len(completions)
-
-
-def reward_nan(prompts, completions, **_):
-    return [math.nan if "boom" in p else 0.0 for p in prompts]
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -55,20 +45,12 @@ def tiny_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("model") / "tiny", family="llama")
 
 
-def write_prompts(path, n=16, bad_row=None):
-    with open(path, "w") as f:
-        for i in range(n):
-            prompt = "boom" if i == bad_row else f"What is {i} plus {i}?" + " Think." * (i % 3)
-            f.write(json.dumps({"prompt": prompt, "answer": str(2 * i)}) + "\n")
-    return str(path)
-
-
 def config(tiny_dir, data, out, **extra):
     cfg = {
         "model": tiny_dir,
         "data": {"train": data},
         "output_dir": str(out),
-        "reward": {"fn": ["tests.test_ppo:reward_fn"]},
+        "reward": {"fn": ["tests.online_common:reward_fn"]},
         "batch_size": 4,
         "max_new_tokens": 8,
         "max_steps": 4,
@@ -83,15 +65,11 @@ def config(tiny_dir, data, out, **extra):
     return cfg
 
 
-def metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 # ----------------------------------------------------------------------------- end to end
 
 
 def test_lora_run_writes_the_run_dir_and_metrics(tiny_dir, tmp_path):
-    data = write_prompts(tmp_path / "p.jsonl")
+    data = write_prompts(tmp_path / "p.jsonl", varied=True)
     out = tmp_path / "run"
     ppo(config(tiny_dir, data, out, save_every=2))  # 8 prompts per rollout: 4 steps on it
     assert (out / "config.yaml").is_file()
@@ -124,7 +102,7 @@ def test_lora_run_writes_the_run_dir_and_metrics(tiny_dir, tmp_path):
 
 
 def test_reward_rises_on_a_trivial_reward(tiny_dir, tmp_path):
-    data = write_prompts(tmp_path / "p.jsonl", n=32)
+    data = write_prompts(tmp_path / "p.jsonl", varied=True, n=32)
     out = tmp_path / "run"
     ppo(config(tiny_dir, data, out, adapter="full", lr=1e-2, batch_size=8, num_minibatches=1,
                ppo_epochs=2, max_steps=20, schedule="constant", beta=0.01,
@@ -137,7 +115,7 @@ def test_resume_is_bit_exact(tiny_dir, tmp_path):
     """Steps 1-6, 4 steps per rollout batch (2 passes x 2 minibatches, grad_accum 2): the
     checkpoint at step 3 sits inside a rollout batch, so resuming needs the cached rollout, the
     generator and the KL coefficient the controller moved."""
-    data = write_prompts(tmp_path / "p.jsonl")
+    data = write_prompts(tmp_path / "p.jsonl", varied=True)
     out = tmp_path / "run"
     cfg = config(tiny_dir, data, out, adapter="full", lr=1e-3, max_steps=6, save_every=3,
                  batch_size=1, grad_accum=2, top_k=50, top_p=0.95, temperature=0.9,
@@ -163,7 +141,7 @@ def test_resume_is_bit_exact(tiny_dir, tmp_path):
 
 
 def test_kl_in_the_loss_runs(tiny_dir, tmp_path):
-    data = write_prompts(tmp_path / "p.jsonl", n=8)
+    data = write_prompts(tmp_path / "p.jsonl", varied=True, n=8)
     out = tmp_path / "run"
     ppo(config(tiny_dir, data, out, max_steps=2, ppo_epochs=1, kl_placement="loss",
                kl_estimator="k3"))  # fmt: skip
@@ -220,13 +198,16 @@ def cli(monkeypatch, args):
 
 @pytest.mark.parametrize(
     "fn,message",
-    [("reward_raises", "ValueError: cannot score this prompt"), ("reward_nan", "returned nan")],
+    [
+        ("tests.test_ppo:reward_raises", "ValueError: cannot score this prompt"),
+        ("tests.online_common:reward_nan", "returned nan"),
+    ],
 )
 def test_reward_errors_exit_2_naming_the_prompt(tiny_dir, tmp_path, monkeypatch, capsys, fn,
                                                 message):  # fmt: skip
-    data = write_prompts(tmp_path / "p.jsonl", n=4, bad_row=2)
+    data = write_prompts(tmp_path / "p.jsonl", varied=True, n=4, bad_row=2)
     args = [f"model={tiny_dir}", f"data.train={data}", f"output_dir={tmp_path / 'run'}",
-            f"reward.fn=tests.test_ppo:{fn}", "batch_size=4", "max_new_tokens=4",
+            f"reward.fn={fn}", "batch_size=4", "max_new_tokens=4",
             "max_steps=1"]  # fmt: skip
     assert cli(monkeypatch, args) == 2
     err = capsys.readouterr().err
@@ -236,9 +217,9 @@ def test_reward_errors_exit_2_naming_the_prompt(tiny_dir, tmp_path, monkeypatch,
 
 
 def test_config_errors_name_the_key(tiny_dir, tmp_path, monkeypatch, capsys):
-    data = write_prompts(tmp_path / "p.jsonl", n=4)
+    data = write_prompts(tmp_path / "p.jsonl", varied=True, n=4)
     base = [f"model={tiny_dir}", f"data.train={data}", f"output_dir={tmp_path / 'run'}",
-            "reward.fn=tests.test_ppo:reward_fn"]  # fmt: skip
+            "reward.fn=tests.online_common:reward_fn"]  # fmt: skip
     assert cli(monkeypatch, [*base, "kl_estimator=k4"]) == 2
     assert "kl_estimator must be one of k1, k2, k3, got 'k4'" in capsys.readouterr().err
     assert cli(monkeypatch, [*base, "kl_placement=advantage"]) == 2

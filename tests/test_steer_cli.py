@@ -53,8 +53,12 @@ def test_weights_run_writes_an_orthogonalised_model_and_report(files, tmp_path):
         "harmless_train": 12, "harmless_val": 4, "harmless_test": 4,
     }  # fmt: skip
     assert report["saved"] == "full" and len(report["candidates"]) == 1
-    for key in ("refusal_rate_harmful", "refusal_score_harmful", "induced_refusal_harmless",
-                "induced_refusal_harmless_2x"):
+    for key in (
+        "refusal_rate_harmful",
+        "refusal_score_harmful",
+        "induced_refusal_harmless",
+        "induced_refusal_harmless_2x",
+    ):
         assert key in report["before"]
     assert report["after"]["kl_harmless"] >= 0
     tensors = load_file(str(out / "directions.safetensors"))
