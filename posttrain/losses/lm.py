@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from posttrain.errors import UserError
+from posttrain.modeling.load import attention_of
 
 IGNORE_INDEX = -100
 # Models whose head already passed the check in `final_hidden`.
@@ -98,7 +99,16 @@ def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, 
         del inputs["position_ids"]  # peft drops them (with a warning) for prompt tuning anyway
     elif "position_ids" not in inputs and right_padded(inputs.get("attention_mask")):
         del inputs["attention_mask"]
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.ndim == 4 and attention_of(model) == "eager":
+        inputs["attention_mask"] = additive_mask(mask, next(model.parameters()).dtype)
     return inputs
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean 4D mask (True = may attend) as eager attention adds it to the scores."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 def right_padded(mask: torch.Tensor | None) -> bool:
@@ -107,8 +117,9 @@ def right_padded(mask: torch.Tensor | None) -> bool:
     Such a mask can be dropped: under causal attention no real token sees the padding after
     it, so the real positions come out the same, and attention takes its fast unmasked path
     (`is_causal`) instead of building a (B, 1, T, T) mask. Pad positions have no targets.
+    A 4D mask (a custom pattern, e.g. `data.shared_prompt`) is never dropped.
     """
-    if mask is None:
+    if mask is None or mask.ndim != 2:
         return False
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
 

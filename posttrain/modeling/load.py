@@ -248,3 +248,9 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if not getattr(model, "_require_grads_hooks", None):
         model.enable_input_require_grads()
+
+
+def attention_of(model) -> str:
+    """The attention implementation a loaded model runs ("sdpa", "eager", "flash_attention_2")."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) or ""

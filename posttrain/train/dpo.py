@@ -8,8 +8,11 @@ mean NLL, as their papers and TRL do), and `kto` on unpaired prompt/completion/l
 completion plus a mismatched one (`data.preference.tokenize_unpaired`); the batch mean of the
 mismatched log-ratios is KTO's reference point z0 (detached, clamped at 0, averaged over ranks).
 
-Each step runs chosen and rejected through the model in one concatenated (2B, T) forward pass;
-sequence log-probs come from the final hidden states through the LM head in chunks
+Each step runs chosen and rejected through the model in one forward pass: one row per pair
+holding the shared prompt once, then chosen, then rejected, with a 4D mask that keeps the two
+responses apart (`data.shared_prompt`), where the attention takes such a mask (sdpa, eager);
+otherwise (flash-attention, prompt/prefix tuning) a concatenated (2B, T) batch. Sequence
+log-probs come from the final hidden states through the LM head in chunks
 (`losses.lm.token_logprobs`), so the (B, T, V) logits never exist.
 
 The reference model: with an adapter, the same model with the adapter disabled (no second
@@ -46,10 +49,12 @@ from peft import PeftModel
 from posttrain.config import TrainConfig, build_config, check, opt
 from posttrain.data.load import load_rows
 from posttrain.data.preference import tokenize_unpaired
+from posttrain.data.shared_prompt import collate_shared
 from posttrain.errors import UserError
 from posttrain.io import write_json
 from posttrain.losses import preference as P
 from posttrain.losses.lm import final_hidden, output_head, row_logprobs
+from posttrain.modeling.load import attention_of
 from posttrain.train import dist
 from posttrain.train.reward import collate_ranked, load_examples, ranked_job
 from posttrain.train.run import begin_run, load_splits, load_trainable_model, run_job
@@ -92,8 +97,22 @@ class DPOConfig(TrainConfig):
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of log p(target) per row, trained tokens per row), both (rows,) float32."""
-    return row_logprobs(final_hidden(model, batch), output_head(model), batch["targets"])
+    """(sum of log p(target), trained tokens) per response, both (2B,) float32, pairs adjacent."""
+    hidden, head, targets = final_hidden(model, batch), output_head(model), batch["targets"]
+    if targets.ndim == 2:  # (2B, T): a row per response
+        return row_logprobs(hidden, head, targets)
+    sides = [row_logprobs(hidden, head, targets[:, side]) for side in (0, 1)]  # (B, 2, T)
+    return tuple(torch.stack(parts, 1).reshape(-1) for parts in zip(*sides))
+
+
+def pair_collate(model: torch.nn.Module):
+    """`collate_shared` (one row per pair) where the attention takes a 4D mask, else
+    `collate_ranked` (a row per response)."""
+    config = getattr(model, "active_peft_config", None)
+    prompt_learning = config is not None and config.is_prompt_learning
+    if attention_of(model) in ("sdpa", "eager") and not prompt_learning:
+        return collate_shared
+    return collate_ranked
 
 
 def reference_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -189,10 +208,10 @@ def fingerprint(cfg: DPOConfig, examples: list[dict]) -> str:
 def compute_reference(model, examples: list[dict], pad_id: int, batch_size: int) -> list:
     """[[chosen, rejected] summed log-probs] per example, from the model as loaded."""
     model.eval()
-    out = []
+    out, collate = [], pair_collate(model)
     for start in range(0, len(examples), batch_size):
         spec = [list(range(start, min(start + batch_size, len(examples))))]
-        batch = collate_ranked(examples, spec, pad_id)
+        batch = collate(examples, spec, pad_id)
         device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
         out += sequence_logps(model, batch)[0].view(-1, 2).tolist()
@@ -252,4 +271,5 @@ def dpo(cfg: DPOConfig | dict) -> dict[str, float]:
     if cfg.loss not in REFERENCE_FREE and not isinstance(model, PeftModel):
         attach_reference(cfg, model, tokenizer, {"train": train, "eval": evals})
     loss = partial(dpo_loss, cfg=cfg)
-    return run_job(ranked_job(cfg, model, tokenizer, train, evals, loss), cfg, device)
+    job = ranked_job(cfg, model, tokenizer, train, evals, loss, pair_collate(model))
+    return run_job(job, cfg, device)

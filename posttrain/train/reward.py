@@ -116,11 +116,12 @@ def reward_loss(model: torch.nn.Module, batch: dict, center_coef: float = 0.0):
 
 
 def count_rows(batch: dict) -> int:
-    return int(batch["input_ids"].shape[0] // int(batch["k"]))
+    return len(batch["margin"])  # one margin per example, in either collate
 
 
 def count_tokens(batch: dict) -> int:
-    return int(batch["attention_mask"].sum())
+    """Real tokens of every response's full sequence (`tokens` when one row holds a pair)."""
+    return int(batch["tokens"]) if "tokens" in batch else int(batch["attention_mask"].sum())
 
 
 def load_examples(source: str, split: str, tokenizer, cfg: RewardConfig, label: str):
@@ -136,8 +137,11 @@ def load_examples(source: str, split: str, tokenizer, cfg: RewardConfig, label: 
     return examples
 
 
-def ranked_job(cfg: TrainConfig, model, tokenizer, train: list, evals: list, loss) -> Job:
-    """The loop's Job for ranked-response data (reward models, the DPO family)."""
+def ranked_job(
+    cfg: TrainConfig, model, tokenizer, train: list, evals: list, loss, collate=collate_ranked
+) -> Job:
+    """The loop's Job for ranked-response data (reward models, the DPO family); `collate` turns
+    examples into a batch (`collate_ranked`, or `data.shared_prompt.collate_shared` for DPO)."""
     pad = tokenizer.pad_token_id
 
     def lengths(examples):
@@ -150,13 +154,13 @@ def ranked_job(cfg: TrainConfig, model, tokenizer, train: list, evals: list, los
     return Job(
         model=model,
         plan=plan,
-        collate=partial(collate_ranked, train, pad_id=pad),
+        collate=partial(collate, train, pad_id=pad),
         loss=loss,
         units=count_rows,
         tokens=count_tokens,
         save_final=lambda m, path: save_model(m, tokenizer, path),
         eval_specs=eval_specs if evals else None,
-        eval_collate=partial(collate_ranked, evals, pad_id=pad),
+        eval_collate=partial(collate, evals, pad_id=pad),
         trainable=trainable_state,
         load_trainable=load_trainable_state,
     )

@@ -20,6 +20,7 @@ from posttrain.data.load import load_rows
 from posttrain.data.tokenize import tokenize_sft
 from posttrain.losses.lm import lm_loss
 from posttrain.modeling.adapters import load_trainable_state, save_model, trainable_state
+from posttrain.modeling.load import attention_of
 from posttrain.train import dist
 from posttrain.train.loop import Job
 from posttrain.train.run import begin_run, load_splits, load_trainable_model, run_job
@@ -56,11 +57,6 @@ def tokenize_source(source: str, split: str, tokenizer, cfg: SFTConfig, label: s
             file=sys.stderr,
         )
     return examples
-
-
-def attention_of(model) -> str:
-    config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) or ""
 
 
 def sft_job(cfg: SFTConfig, model, tokenizer, train, evals) -> Job:
