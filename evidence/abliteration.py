@@ -11,7 +11,8 @@
 3. The same with `search=optuna` (`--trials`, default 200) instead of the full-strength edit.
 4. A table of the held-out numbers before the edit, after it, after healing and after the
    searched edit: refusals on harmful prompts, refusals on harmless ones, refusals induced by
-   adding the direction, first-token KL on harmless prompts, task accuracy and perplexity.
+   adding the direction over the prompt (at the difference of means, and at twice it),
+   first-token KL on harmless prompts, task accuracy and perplexity.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ REFUSAL_SFT = {
 ROWS = (
     ("refusal_rate_harmful", "refusals, held-out harmful"),
     ("refusal_rate_harmless", "refusals, held-out harmless"),
-    ("induced_refusal_harmless", "refusals induced by adding the direction"),
+    ("induced_refusal_harmless", "harmless prompts refusing with the direction added (1x)"),
+    ("induced_refusal_harmless_2x", "the same at 2x the difference of means"),
     ("kl_harmless", "first-token KL on harmless"),
     ("accuracy", "task accuracy"),
     ("perplexity", "perplexity"),
@@ -60,6 +62,18 @@ def table(stages: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def stages(edit: dict, searched: dict) -> list[tuple[str, dict]]:
+    """Table columns; a direction's induced refusals (measured on the unedited model) sit in
+    the column of the edit made with it."""
+
+    def induced(report: dict) -> dict:
+        return {k: v for k, v in report["before"].items() if k.startswith("induced_")}
+
+    before = {k: v for k, v in edit["before"].items() if not k.startswith("induced_")}
+    return [("before", before), ("edit", edit["after"] | induced(edit)),
+            ("edit + heal", edit["healed"]), ("searched edit", searched["after"] | induced(searched))]  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="evidence-abliteration")
@@ -76,8 +90,7 @@ def main() -> None:
     searched = abliterate({"model": model, "projected": True, "search": "optuna",
                            "trials": args.trials, "output_dir": str(out / "search")})  # fmt: skip
     (out / "results.json").write_text(json.dumps({"edit": edit, "search": searched}, indent=2))
-    print(table([("before", edit["before"]), ("edit", edit["after"]),
-                 ("edit + heal", edit["healed"]), ("searched edit", searched["after"])]))  # fmt: skip
+    print(table(stages(edit, searched)))
     c, s = edit["chosen"], searched["chosen"]
     print(
         f"edit: layer {c['layer']} position {c['position']}, {edit['seconds']} s (heal "
