@@ -251,18 +251,22 @@ class StepClock:
     to `real` and `input_ids.numel()` to `padded`. `begin()` marks the start of training
     (RSS there); `step_end()` is called after each optimizer step and stores the time and
     the token counters, plus the peak RSS so far (VmHWM) so that saving and evaluating after
-    the last step do not count.
+    the last step do not count. With `job_tokens` set, the tokens a step is credited with are
+    the ones the posttrain job reports for it (`time_posttrain_steps` adds them), not the
+    hook's count: DPO's one-row pairs hold a prompt once for what two rows would hold twice,
+    and the work both sides are credited with must be the same.
     """
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
         self.real = self.padded = 0
         self.counting = True
+        self.job_tokens: int | None = None  # set to 0 to credit the job's own token counts
         self.rss_start_mib = 0.0
         self.peak_rss_mib = 0.0
         self.load_start = 0.0  # 1-minute load average of the machine when training starts
-        # (wall time, process CPU time, real tokens, padded tokens) after each step
-        self.steps: list[tuple[float, float, int, int]] = []
+        # (wall time, process CPU time, credited tokens, real tokens, padded tokens) per step
+        self.steps: list[tuple[float, float, int, int, int]] = []
 
     def attach(self, model) -> None:
         def count(module, args):
@@ -279,7 +283,9 @@ class StepClock:
             self.load_start = os.getloadavg()[0]
 
     def step_end(self) -> None:
-        self.steps.append((time.perf_counter(), time.process_time(), self.real, self.padded))
+        credited = self.real if self.job_tokens is None else self.job_tokens
+        now = (time.perf_counter(), time.process_time(), credited, self.real, self.padded)
+        self.steps.append(now)
         self.peak_rss_mib = proc_status_mib("VmHWM")
 
     def stop(self) -> None:
@@ -294,7 +300,7 @@ class StepClock:
         """
         if len(self.steps) <= skip:
             raise RuntimeError(f"need more than {skip} steps, got {len(self.steps)}")
-        (t0, c0, r0, p0), (t1, c1, r1, p1) = self.steps[skip - 1], self.steps[-1]
+        (t0, c0, r0, h0, p0), (t1, c1, r1, h1, p1) = self.steps[skip - 1], self.steps[-1]
         seconds = t1 - t0
         rates = [
             (b[2] - a[2]) / (b[0] - a[0]) for a, b in zip(self.steps[skip - 1 :], self.steps[skip:])
@@ -308,7 +314,7 @@ class StepClock:
             "tokens_per_s": (r1 - r0) / seconds,
             "tokens_per_cpu_s": (r1 - r0) / (c1 - c0),
             "step_tokens_per_s": statistics.median(rates),
-            "padding_share": 1 - (r1 - r0) / max(p1 - p0, 1),
+            "padding_share": 1 - (h1 - h0) / max(p1 - p0, 1),
             "rss_start_mib": self.rss_start_mib,
             "peak_rss_mib": self.peak_rss_mib,
             "load_start": self.load_start,
@@ -336,6 +342,8 @@ def time_posttrain_steps(method, clock: StepClock) -> list:
     def timed_step(self):
         clock.begin()
         out = step(self)
+        if clock.job_tokens is not None:
+            clock.job_tokens += int(out["tokens"])
         clock.step_end()
         return out
 

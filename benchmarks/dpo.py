@@ -29,17 +29,20 @@ What is the same on both sides:
   (pairs), grad_accum, max_length, max_steps, a log line every step, no eval, no checkpoint;
   fp32 (`bf16=False`), `gradient_checkpointing=False` (TRL's default is on);
 - batches: TRL reads the pairs in posttrain's length-grouped batch order
-  (`train_sampling_strategy="sequential"` over the reordered dataset), so both sides run the
-  same padded (2 x pairs, T) tensors (rows in another order: posttrain interleaves each pair's
-  chosen and rejected, TRL puts the chosen rows first). Repeat i uses seed i on both sides
+  (`train_sampling_strategy="sequential"` over the reordered dataset), so both sides see the
+  same pairs in each micro-batch. TRL runs them as (2 x pairs, T) rows (chosen rows first);
+  posttrain runs one row per pair (the prompt once, then chosen and rejected, a 4D mask keeping
+  the two apart: `posttrain/data/shared_prompt.py`). Repeat i uses seed i on both sides
   (peft then draws the same LoRA initialisation). One extra pair per configuration without
   warm-up (identical schedules) checks that the loss curves coincide step by step and start at
   log 2 (policy = reference at step 1).
 
 What is timed: each run is a fresh process; a hook at the end of every optimizer step
 (posttrain: around `Loop.train_step`; TRL: `on_step_end`) takes the time. Tokens are counted by
-a forward pre-hook on the input embedding, only for forwards run with gradients enabled: the
-policy's chosen + rejected rows, once per step. The reference forwards of `lora` (no-grad on
+the full chosen + rejected sequences of the step's pairs, once per step (TRL: a forward pre-hook
+on the input embedding, only for forwards run with gradients enabled, counting the non-padding
+ids of the policy's rows; posttrain: the trainer's own count, which credits a one-row pair with
+both full sequences, as two rows would hold them; the two counts are equal). The reference forwards of `lora` (no-grad on
 both sides) and the precomputation of `full` (before step 1 on both sides) are not counted as
 tokens, but the reference forwards' time is inside the timed steps. tokens/s = non-padding
 tokens of steps 2..N / wall time from the end of step 1 to the end of step N; the same tokens
@@ -254,7 +257,8 @@ def check_parity(shared: dict, work: Path) -> tuple[dict, list[int]]:
     TRL's sequence is prompt_ids + chosen_ids (its collator truncates it to max_length, keeping
     the start) with the completion tokens trained; posttrain's targets are pre-shifted, so
     TRL's completion mask shifted left by one is compared with posttrain's targets.
-    Returns the counts and posttrain's example lengths (the longer response of each pair).
+    Returns the counts and the lengths posttrain groups its batches by (one row per pair:
+    both responses, their shared prompt once).
     """
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -262,6 +266,7 @@ def check_parity(shared: dict, work: Path) -> tuple[dict, list[int]]:
 
     from posttrain.data.load import load_rows
     from posttrain.data.preference import tokenize_ranked
+    from posttrain.data.shared_prompt import row_length
 
     tokenizer = AutoTokenizer.from_pretrained(shared["model"])
     ours, stats = tokenize_ranked(load_rows(shared["train"]), tokenizer, shared["max_length"])
@@ -294,7 +299,7 @@ def check_parity(shared: dict, work: Path) -> tuple[dict, list[int]]:
         "identical_ids": same_ids,
         "identical_trained_positions": same_targets,
     }
-    lengths = [max(len(r["input_ids"]) for r in e["responses"]) for e in ours]
+    lengths = [row_length(e) for e in ours]
     return parity, lengths
 
 
@@ -372,6 +377,7 @@ def worker_ours(spec: dict) -> dict:
     from posttrain.train import dpo
 
     clock = PolicyClock(spec["pad_id"])
+    clock.job_tokens = 0  # both sequences of a pair, as the trainer counts them (one row or two)
     models = common.time_posttrain_steps(dpo, clock)
     out = Path(spec["out"])
     dpo.dpo(
@@ -552,7 +558,8 @@ def parity_line(config: str, pair: dict) -> str:
         f"{math.log(2):.6f}); max |loss difference| over the {len(diffs)} steps "
         f"{max(diffs):.2e} (last: {ours['losses'][-1]:.4f} vs {trl['losses'][-1]:.4f}); "
         f"max |lr difference| {lr_diff:.1e}; held-out loss {ours['heldout_loss']:.4f} vs "
-        f"{trl['heldout_loss']:.4f}"
+        f"{trl['heldout_loss']:.4f}; tokens credited over the timed steps {ours['tokens']} vs "
+        f"{trl['tokens']}"
     )
 
 
@@ -588,12 +595,14 @@ batches.
 
 {main_table(results, s["steps"])}
 {live_line(results)}
-- tokens/s: real (non-padding) tokens of the policy's chosen + rejected rows in steps
+- tokens/s: real (non-padding) tokens of the pairs' full chosen + rejected sequences in steps
   2..{s["steps"]} (counted once per step; reference forwards and precomputation not counted)
   / wall time from the end of step 1 to the end of step {s["steps"]}; median over repeats
   (min-max). The time includes the `lora` reference forwards; the `full` precomputation runs
   before step 1 on both sides and is not timed. tokens/CPU-s: the same tokens / the worker's
   CPU time over the same span. "vs TRL": ratio of the medians (per-repeat ratios).
+- padding: the share of padded positions in the rows each side runs (posttrain's rows hold
+  a pair each, TRL's a response each, so their shapes differ).
 - Peak RSS: VmHWM of the worker process at the end of the last step (imports, data, model,
   reference precomputation, training); RSS at start: when the first step begins.
 - Loss: mean ± sd over the repeats; held-out: sigmoid DPO loss and reward accuracy on

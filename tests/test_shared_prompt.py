@@ -9,7 +9,13 @@ import random
 import pytest
 import torch
 
-from posttrain.data.shared_prompt import IGNORE, collate_shared, pair_row, shared_length
+from posttrain.data.shared_prompt import (
+    IGNORE,
+    collate_shared,
+    pair_row,
+    row_length,
+    shared_length,
+)
 from posttrain.train.dpo import sequence_logps
 from posttrain.train.reward import collate_ranked, count_rows, count_tokens
 from tests.tiny import FAMILIES, tiny_model
@@ -34,6 +40,7 @@ def test_row_layout_by_hand():
     assert not mask[5, 3:5].any() and mask[5, :3].all() and mask[5, 5]  # 20 sees the prompt only
     assert mask[4, :5].all() and not mask[4, 5]  # chosen is causal as usual
     assert count_rows(batch) == 1 and count_tokens(batch) == 9
+    assert row_length({"responses": [a, b]}) == len(ids) == 6  # what batches are grouped by
 
 
 def test_shared_length_stops_at_the_first_trained_token_and_may_be_zero():

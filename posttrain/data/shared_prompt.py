@@ -42,6 +42,12 @@ def shared_length(a: dict, b: dict) -> int:
     return min(common, first_trained + 1)
 
 
+def row_length(example: dict) -> int:
+    """The length of an example's one row: both responses, their shared front once."""
+    a, b = example["responses"]
+    return len(a["input_ids"]) + len(b["input_ids"]) - shared_length(a, b)
+
+
 def pair_row(a: dict, b: dict) -> tuple[list[int], list[int], list[int], list[int], int]:
     """(ids, positions, targets of A, targets of B, k) of one pair's row."""
     k = shared_length(a, b)

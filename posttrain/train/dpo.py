@@ -49,14 +49,14 @@ from peft import PeftModel
 from posttrain.config import TrainConfig, build_config, check, opt
 from posttrain.data.load import load_rows
 from posttrain.data.preference import tokenize_unpaired
-from posttrain.data.shared_prompt import collate_shared
+from posttrain.data.shared_prompt import collate_shared, row_length
 from posttrain.errors import UserError
 from posttrain.io import write_json
 from posttrain.losses import preference as P
 from posttrain.losses.lm import final_hidden, output_head, row_logprobs
 from posttrain.modeling.load import attention_of
 from posttrain.train import dist
-from posttrain.train.reward import collate_ranked, load_examples, ranked_job
+from posttrain.train.reward import collate_ranked, load_examples, longest_response, ranked_job
 from posttrain.train.run import begin_run, load_splits, load_trainable_model, run_job
 
 LOSSES = ("dpo", "robust", "ipo", "hinge", "simpo", "cpo", "orpo", "kto")
@@ -105,14 +105,14 @@ def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, t
     return tuple(torch.stack(parts, 1).reshape(-1) for parts in zip(*sides))
 
 
-def pair_collate(model: torch.nn.Module):
-    """`collate_shared` (one row per pair) where the attention takes a 4D mask, else
-    `collate_ranked` (a row per response)."""
+def pair_layout(model: torch.nn.Module):
+    """(collate, row length): one row per pair (`collate_shared`) where the attention takes a
+    4D mask, else a row per response (`collate_ranked`)."""
     config = getattr(model, "active_peft_config", None)
     prompt_learning = config is not None and config.is_prompt_learning
     if attention_of(model) in ("sdpa", "eager") and not prompt_learning:
-        return collate_shared
-    return collate_ranked
+        return collate_shared, row_length
+    return collate_ranked, longest_response
 
 
 def reference_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -208,7 +208,7 @@ def fingerprint(cfg: DPOConfig, examples: list[dict]) -> str:
 def compute_reference(model, examples: list[dict], pad_id: int, batch_size: int) -> list:
     """[[chosen, rejected] summed log-probs] per example, from the model as loaded."""
     model.eval()
-    out, collate = [], pair_collate(model)
+    out, (collate, _) = [], pair_layout(model)
     for start in range(0, len(examples), batch_size):
         spec = [list(range(start, min(start + batch_size, len(examples))))]
         batch = collate(examples, spec, pad_id)
@@ -271,5 +271,5 @@ def dpo(cfg: DPOConfig | dict) -> dict[str, float]:
     if cfg.loss not in REFERENCE_FREE and not isinstance(model, PeftModel):
         attach_reference(cfg, model, tokenizer, {"train": train, "eval": evals})
     loss = partial(dpo_loss, cfg=cfg)
-    job = ranked_job(cfg, model, tokenizer, train, evals, loss, pair_collate(model))
+    job = ranked_job(cfg, model, tokenizer, train, evals, loss, pair_layout(model))
     return run_job(job, cfg, device)

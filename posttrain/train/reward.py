@@ -137,15 +137,23 @@ def load_examples(source: str, split: str, tokenizer, cfg: RewardConfig, label: 
     return examples
 
 
+def longest_response(example: dict) -> int:
+    """The row length `collate_ranked` pads an example to: its longest response."""
+    return max(len(r["input_ids"]) for r in example["responses"])
+
+
 def ranked_job(
-    cfg: TrainConfig, model, tokenizer, train: list, evals: list, loss, collate=collate_ranked
+    cfg: TrainConfig, model, tokenizer, train: list, evals: list, loss, layout=None
 ) -> Job:
-    """The loop's Job for ranked-response data (reward models, the DPO family); `collate` turns
-    examples into a batch (`collate_ranked`, or `data.shared_prompt.collate_shared` for DPO)."""
+    """The loop's Job for ranked-response data (reward models, the DPO family); `layout` is
+    (collate, length): how examples become a batch and the row length batches are grouped by
+    (`collate_ranked`, `longest_response` by default; DPO's one-row pairs use
+    `data.shared_prompt`'s `collate_shared` and `row_length`)."""
     pad = tokenizer.pad_token_id
+    collate, length = layout or (collate_ranked, longest_response)
 
     def lengths(examples):
-        return [max(len(r["input_ids"]) for r in e["responses"]) for e in examples]
+        return [length(e) for e in examples]
 
     def plan(epoch: int):
         return plan_batches(lengths(train), cfg.batch_size, cfg.max_length, False, cfg.seed, epoch)
