@@ -28,14 +28,15 @@ What is the same on both sides:
 - AdamW, lr, cosine schedule, warm-up steps, clipping 1.0, no weight decay, micro-batch size
   (pairs), grad_accum, max_length, max_steps, a log line every step, no eval, no checkpoint;
   fp32 (`bf16=False`), `gradient_checkpointing=False` (TRL's default is on);
-- batches: TRL reads the pairs in posttrain's length-grouped batch order
-  (`train_sampling_strategy="sequential"` over the reordered dataset), so both sides see the
-  same pairs in each micro-batch. TRL runs them as (2 x pairs, T) rows (chosen rows first);
+- batches: the same number of pairs per micro-batch, and over the run every pair once (one
+  epoch), each side length-grouped for its own layout. TRL runs a pair as two rows (chosen rows
+  first), so it reads the pairs (`train_sampling_strategy="sequential"` over the reordered
+  dataset) in the order posttrain's batch plan gives when grouping by the longer response;
   posttrain runs one row per pair (the prompt once, then chosen and rejected, a 4D mask keeping
-  the two apart: `posttrain/data/shared_prompt.py`). Repeat i uses seed i on both sides
+  the two apart: `posttrain/data/shared_prompt.py`) and groups by that row's length. Repeat i uses seed i on both sides
   (peft then draws the same LoRA initialisation). One extra pair per configuration without
-  warm-up (identical schedules) checks that the loss curves coincide step by step and start at
-  log 2 (policy = reference at step 1).
+  warm-up (identical schedules), TRL reading posttrain's own batches, checks that the loss
+  curves coincide step by step and start at log 2 (policy = reference at step 1).
 
 What is timed: each run is a fresh process; a hook at the end of every optimizer step
 (posttrain: around `Loop.train_step`; TRL: `on_step_end`) takes the time. Tokens are counted by
@@ -257,8 +258,9 @@ def check_parity(shared: dict, work: Path) -> tuple[dict, list[int]]:
     TRL's sequence is prompt_ids + chosen_ids (its collator truncates it to max_length, keeping
     the start) with the completion tokens trained; posttrain's targets are pre-shifted, so
     TRL's completion mask shifted left by one is compared with posttrain's targets.
-    Returns the counts and the lengths posttrain groups its batches by (one row per pair:
-    both responses, their shared prompt once).
+    Returns the counts and the lengths each side's batches are best grouped by: posttrain's
+    one row per pair (both responses, their shared prompt once) and TRL's row per response
+    (the longer response of the pair).
     """
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -299,7 +301,10 @@ def check_parity(shared: dict, work: Path) -> tuple[dict, list[int]]:
         "identical_ids": same_ids,
         "identical_trained_positions": same_targets,
     }
-    lengths = [row_length(e) for e in ours]
+    lengths = {
+        "ours": [row_length(e) for e in ours],
+        "trl": [max(len(r["input_ids"]) for r in e["responses"]) for e in ours],
+    }
     return parity, lengths
 
 
@@ -589,9 +594,11 @@ reference log-probs precomputed before step 1 (TRL `precompute_ref_log_probs=Tru
 Sigmoid DPO, beta {s["beta"]:g}; {s["steps"]} steps of grad_accum {s["grad_accum"]}
 micro-batches of {s["batch_size"]} pairs ({2 * s["batch_size"]} rows), max_length
 {s["max_length"]}, cosine, {s["warmup"]} warm-up steps, clipping 1.0, AdamW, a log line every
-step. {s["repeats"]} repeats per row, posttrain and TRL alternating; repeat i uses seed i on
-both sides; TRL reads the pairs in posttrain's batch order, so both sides process identical
-batches.
+step: one epoch, every pair once. {s["repeats"]} repeats per row, posttrain and TRL
+alternating; repeat i uses seed i on both sides. Each side's micro-batches are grouped by
+length for its own layout: posttrain's one row per pair by that row (both responses, the
+prompt once), TRL's two rows per pair by the longer response (TRL reads the pairs in that
+order); the same-curve check below gives TRL posttrain's own batches.
 
 {main_table(results, s["steps"])}
 {live_line(results)}
@@ -628,7 +635,8 @@ Loss curves (median over repeats of the loss logged at each step):
 def run_pair(
     shared: dict, work: Path, name: str, config: str, seed: int, lengths, sides=("trl",), **extra
 ) -> dict:
-    """Run both trainers (in the order `sides`) on one setting; returns {side: result}."""
+    """Run both trainers (in the order `sides`) on one setting; returns {side: result}. TRL
+    reads the pairs in the order posttrain's batch plan gives for `lengths`."""
     out = {}
     for side in sides:
         spec = dict(shared, config=config, seed=seed, out=str(work / f"{side}-{name}"), **extra)
@@ -683,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         work = Path(tmp)
         shared = prepare(work, setup)
-        parity, lengths = check_parity(shared, work)
+        parity, grouping = check_parity(shared, work)
         print(json.dumps(parity), file=sys.stderr)
         if not (parity["identical_ids"] and parity["identical_trained_positions"]):
             print("error: the two sides do not train on the same tokens", file=sys.stderr)
@@ -695,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{c}-parity",
                 c,
                 0,
-                lengths,
+                grouping["ours"],  # the same batches on both sides
                 ("ours", "trl"),
                 warmup=0,
                 steps=setup.parity_steps,
@@ -706,9 +714,10 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(setup.repeats):
             sides = ("ours", "trl") if repeat % 2 else ("trl", "ours")
             for config in configs:
-                runs = run_pair(shared, work, f"{config}-{repeat}", config, repeat, lengths, sides)
+                name, trl_lengths = f"{config}-{repeat}", grouping["trl"]  # grouped for TRL
+                runs = run_pair(shared, work, name, config, repeat, trl_lengths, sides)
                 if config == "full" and repeat == 0:  # TRL's default for full fine-tuning
-                    live = run_pair(shared, work, f"live-{repeat}", "full_live", repeat, lengths)
+                    live = run_pair(shared, work, f"live-{repeat}", "full_live", 0, trl_lengths)
                     runs["trl-live"] = live["trl"]
                 for side, result in runs.items():
                     key = ("trl", "full_live") if side == "trl-live" else (side, config)
