@@ -1,5 +1,7 @@
 """Shared helpers for the benchmarks: synthetic chat data, a locally trained tokenizer, a
-Llama-shaped model from a config, subprocess workers, memory readings, and the README.
+Llama-shaped model from a config, step clocks and posttrain instrumentation, subprocess
+workers, memory readings, markdown cells and tables, and the README. (The harness of the
+posttrain-vs-TRL benchmarks, sft/dpo/grpo/ppo, is in versus.py.)
 
 Every benchmark compares posttrain with a peer on the same machine in the same run. Each
 trainer runs in its own fresh Python process (`run_worker`) so that its peak resident memory
@@ -104,34 +106,7 @@ def proc_status_mib(key: str) -> float:
 def make_words(n: int, seed: int = 0) -> list[str]:
     """n distinct pronounceable made-up words."""
     rng = random.Random(seed)
-    onsets = [
-        "b",
-        "c",
-        "d",
-        "f",
-        "g",
-        "h",
-        "j",
-        "k",
-        "l",
-        "m",
-        "n",
-        "p",
-        "r",
-        "s",
-        "t",
-        "v",
-        "w",
-        "z",
-        "br",
-        "cl",
-        "dr",
-        "fl",
-        "gr",
-        "pl",
-        "st",
-        "tr",
-    ]
+    onsets = [*"bcdfghjklmnprstvwz", "br", "cl", "dr", "fl", "gr", "pl", "st", "tr"]
     vowels = ["a", "e", "i", "o", "u", "ai", "ea", "oo", "ou"]
     words: set[str] = set()
     while len(words) < n:
@@ -247,18 +222,21 @@ def save_llama(
 class StepClock:
     """Counts the tokens each forward pass of a model sees and times optimizer steps.
 
-    `attach(model)` hooks the input embedding: every forward adds `(input_ids != pad).sum()`
-    to `real` and `input_ids.numel()` to `padded`. `begin()` marks the start of training
-    (RSS there); `step_end()` is called after each optimizer step and stores the time and
-    the token counters, plus the peak RSS so far (VmHWM) so that saving and evaluating after
-    the last step do not count. With `job_tokens` set, the tokens a step is credited with are
-    the ones the posttrain job reports for it (`time_posttrain_steps` adds them), not the
-    hook's count: DPO's one-row pairs hold a prompt once for what two rows would hold twice,
-    and the work both sides are credited with must be the same.
+    `attach(model)` hooks the input embedding: every forward (with `grad_only`, every forward
+    run with gradients enabled: the policy's, not no-grad reference forwards or a reference
+    precomputation) adds `(input_ids != pad).sum()` to `real` and `input_ids.numel()` to
+    `padded`. `begin()` marks the start of training (RSS there); `step_end()` is called after
+    each optimizer step and stores the time and the token counters, plus the peak RSS so far
+    (VmHWM) so that saving and evaluating after the last step do not count. With `job_tokens`
+    set, the tokens a step is credited with are the ones the posttrain job reports for it
+    (`time_train_steps` adds them), not the hook's count: DPO's one-row pairs hold a prompt
+    once for what two rows would hold twice, and the work both sides are credited with must be
+    the same.
     """
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, grad_only: bool = False):
         self.pad_id = pad_id
+        self.grad_only = grad_only
         self.real = self.padded = 0
         self.counting = True
         self.job_tokens: int | None = None  # set to 0 to credit the job's own token counts
@@ -269,8 +247,10 @@ class StepClock:
         self.steps: list[tuple[float, float, int, int, int]] = []
 
     def attach(self, model) -> None:
+        import torch
+
         def count(module, args):
-            if self.counting:
+            if self.counting and (not self.grad_only or torch.is_grad_enabled()):
                 ids = args[0]
                 self.real += int((ids != self.pad_id).sum())
                 self.padded += ids.numel()
@@ -322,12 +302,72 @@ class StepClock:
         }
 
 
+class SampleClock(StepClock):
+    """A StepClock whose tokens are sampled completion tokens (`real`: EOS included, padding
+    not; `padded`: the completion slots of the sampled batches) instead of embedding-hook ones."""
+
+    def __init__(self) -> None:
+        super().__init__(pad_id=-1)
+
+    def sampled(self, tokens: int, slots: int) -> None:
+        self.real += tokens
+        self.padded += slots
+
+    def count_samples(self, sample):
+        """posttrain's `rollout.sampler.sample` wrapped to count the completions it returns."""
+
+        def counted_sample(*args, **kwargs):
+            r = sample(*args, **kwargs)
+            self.sampled(int(r.completion_mask.sum()), r.completion_mask.numel())
+            return r
+
+        return counted_sample
+
+
+def patch_function(module: str, name: str, wrap) -> None:
+    """Replace `module.name` with `wrap(original)` in every loaded posttrain module that holds
+    it (`from module import name`), so the wrapper holds wherever the trainer calls it from.
+    Raises when no loaded posttrain module imported it (`module` itself and the packages above
+    it, which may re-export it, do not count)."""
+    import importlib
+
+    original = getattr(importlib.import_module(module), name)
+    wrapped = wrap(original)
+    users = 0
+    for loaded in list(sys.modules.values()):
+        loaded_name = getattr(loaded, "__name__", "")
+        if loaded_name.startswith("posttrain") and getattr(loaded, name, None) is original:
+            setattr(loaded, name, wrapped)
+            users += not f"{module}.".startswith(f"{loaded_name}.")
+    if not users:
+        raise RuntimeError(f"{module}.{name} is not used by any loaded posttrain module")
+
+
+def time_train_steps(clock: StepClock, every: int = 1) -> None:
+    """Time posttrain's `Loop.train_step`: `clock.begin()` before the first, `clock.step_end()`
+    after every `every`-th (PPO: the last optimizer step of a rollout batch); with
+    `clock.job_tokens` set, each step's own token count is added to it first."""
+    from posttrain.train import loop
+
+    step, count = loop.Loop.train_step, [0]
+
+    def timed_step(self):
+        clock.begin()
+        out = step(self)
+        if clock.job_tokens is not None:
+            clock.job_tokens += int(out["tokens"])
+        count[0] += 1
+        if count[0] % every == 0:
+            clock.step_end()
+        return out
+
+    loop.Loop.train_step = timed_step
+
+
 def time_posttrain_steps(method, clock: StepClock) -> list:
     """Instrument a posttrain method module (`posttrain.train.sft`, `.dpo`, ...) for timing:
     its loaded model gets `clock`'s token hook, and every `Loop.train_step` is timed. Returns
     the list the loaded model is appended to (for a held-out evaluation after training)."""
-    from posttrain.train import loop
-
     models = []
     load = method.load_trainable_model
 
@@ -337,19 +377,26 @@ def time_posttrain_steps(method, clock: StepClock) -> list:
         models.append(model)
         return model
 
-    step = loop.Loop.train_step
-
-    def timed_step(self):
-        clock.begin()
-        out = step(self)
-        if clock.job_tokens is not None:
-            clock.job_tokens += int(out["tokens"])
-        clock.step_end()
-        return out
-
     method.load_trainable_model = load_and_hook
-    loop.Loop.train_step = timed_step
+    time_train_steps(clock)
     return models
+
+
+def pad_batch(chunk: list[dict], pad_id: int):
+    """(input_ids, targets, attention_mask) tensors of `chunk` ({input_ids, targets}), right-
+    padded to its longest sequence (targets -100 and mask 0 on the padding)."""
+    import torch
+
+    width = max(len(e["input_ids"]) for e in chunk)
+    ids = torch.full((len(chunk), width), pad_id)
+    targets = torch.full((len(chunk), width), -100)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for i, e in enumerate(chunk):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        targets[i, :n] = torch.tensor(e["targets"])
+        mask[i, :n] = 1
+    return ids, targets, mask
 
 
 def heldout_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> float:
@@ -362,16 +409,7 @@ def heldout_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8) 
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            width = max(len(e["input_ids"]) for e in chunk)
-            ids = torch.full((len(chunk), width), pad_id)
-            targets = torch.full((len(chunk), width), -100)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, e in enumerate(chunk):
-                n = len(e["input_ids"])
-                ids[i, :n] = torch.tensor(e["input_ids"])
-                targets[i, :n] = torch.tensor(e["targets"])
-                mask[i, :n] = 1
+            ids, targets, mask = pad_batch(examples[start : start + batch_size], pad_id)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
             total += float(loss)
@@ -395,14 +433,19 @@ def omp_env(threads: int = 0, passive: bool = True) -> dict[str, str]:
 
 
 def run_worker(
-    script: Path, args: list[str], env: dict[str, str] | None = None, timeout: float = 3600
+    script: Path,
+    args: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 3600,
+    python: str = sys.executable,
 ) -> dict[str, Any]:
     """Run `python script args... --result FILE` in a fresh process (with `env` added to the
-    environment); return the JSON it wrote."""
+    environment; `python`: another interpreter, e.g. a peer's own venv); return the JSON it
+    wrote."""
     result = Path(args[args.index("--spec") + 1]).with_suffix(".result.json")
     result.unlink(missing_ok=True)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0", **(env or {}))
-    cmd = [sys.executable, str(script), *args, "--result", str(result)]
+    cmd = [python, str(script), *args, "--result", str(result)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0 or not result.exists():
         tail = (proc.stdout + proc.stderr)[-4000:]

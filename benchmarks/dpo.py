@@ -59,7 +59,6 @@ the initial model, by the same function on both sides.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -67,10 +66,11 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import common
+import versus
 
 HERE = Path(__file__).resolve()
 CONFIGS = {
@@ -91,15 +91,9 @@ CHATML_DPO = (
 
 
 @dataclass
-class Setup:
+class Setup(versus.LlamaSetup):
     """Everything both trainers share."""
 
-    hidden: int = 256
-    layers: int = 4
-    heads: int = 4
-    intermediate: int = 704
-    vocab: int = 4096
-    max_length: int = 512
     max_words: int = 24  # words per question: sets the length spread of the pairs
     train_rows: int = 320  # = steps x grad_accum x batch_size: one epoch, every batch full
     holdout_rows: int = 64
@@ -111,11 +105,7 @@ class Setup:
     lr_full: float = 1e-4
     warmup: int = 2
     beta: float = 0.1
-    lora_r: int = 16
-    lora_alpha: float = 32.0
     repeats: int = 3
-    threads: int = 0  # torch threads in the workers; 0 = torch's default (one per core)
-    omp_passive: bool = True  # OMP_WAIT_POLICY=PASSIVE in the workers (see common.omp_env)
 
 
 QUICK = Setup(
@@ -187,16 +177,7 @@ def pair_logps(model, examples: list[dict], pad_id: int, batch_size: int = 8) ->
     out: list[float] = []
     with torch.no_grad():
         for start in range(0, len(seqs), batch_size):
-            chunk = seqs[start : start + batch_size]
-            width = max(len(s["input_ids"]) for s in chunk)
-            ids = torch.full((len(chunk), width), pad_id)
-            targets = torch.full((len(chunk), width), -100)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, s in enumerate(chunk):
-                n = len(s["input_ids"])
-                ids[i, :n] = torch.tensor(s["input_ids"])
-                targets[i, :n] = torch.tensor(s["targets"])
-                mask[i, :n] = 1
+            ids, targets, mask = common.pad_batch(seqs[start : start + batch_size], pad_id)
             logps = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             logps = logps.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
             out += (logps * (targets != -100)).sum(1).tolist()
@@ -225,34 +206,17 @@ def prepare(work: Path, setup: Setup) -> dict:
     holdout = make_pairs(setup.holdout_rows, 2, words, setup.max_words)
     texts = [m["content"] for row in train for k in row for m in row[k]]
     tokenizer = common.train_tokenizer(texts, setup.vocab, CHATML_DPO)
-    model_dir = work / "model"
-    params = common.save_llama(
-        model_dir,
-        tokenizer,
-        setup.hidden,
-        setup.layers,
-        setup.heads,
-        setup.intermediate,
-        max_positions=setup.max_length,
-    )
+    shared = versus.llama_spec(work, setup, tokenizer)
     common.write_jsonl(work / "train.jsonl", train)
     common.write_jsonl(work / "holdout.jsonl", holdout)
     held, _ = tokenize_ranked(load_rows(str(work / "holdout.jsonl")), tokenizer, 10**6)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(shared["model"], dtype="float32")
     ref = pair_logps(model, held, tokenizer.pad_token_id)
     (work / "holdout.json").write_text(json.dumps({"examples": held, "ref": ref}))
-    return {
-        **asdict(setup),
-        "model": str(model_dir),
-        "train": str(work / "train.jsonl"),
-        "holdout": str(work / "holdout.json"),
-        "pad_id": tokenizer.pad_token_id,
-        "vocab": len(tokenizer),  # what the BPE reached, at most setup.vocab
-        "params": params,
-    }
+    return shared
 
 
-def check_parity(shared: dict, work: Path) -> tuple[dict, list[int]]:
+def check_parity(shared: dict, work: Path) -> tuple[dict, dict[str, list[int]]]:
     """Tokenise the pairs both ways: chosen/rejected ids and trained positions must match.
 
     TRL's sequence is prompt_ids + chosen_ids (its collator truncates it to max_length, keeping
@@ -262,8 +226,7 @@ def check_parity(shared: dict, work: Path) -> tuple[dict, list[int]]:
     one row per pair (both responses, their shared prompt once) and TRL's row per response
     (the longer response of the pair).
     """
-    import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import DPOTrainer
 
     from posttrain.data.load import load_rows
@@ -272,15 +235,8 @@ def check_parity(shared: dict, work: Path) -> tuple[dict, list[int]]:
 
     tokenizer = AutoTokenizer.from_pretrained(shared["model"])
     ours, stats = tokenize_ranked(load_rows(shared["train"]), tokenizer, shared["max_length"])
-    datasets.disable_progress_bars()
-    trainer = DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(shared["model"]),
-        args=trl_config(dict(shared, config="lora", seed=0), work / "parity"),
-        train_dataset=datasets.Dataset.from_list(common.read_jsonl(shared["train"])),
-        processing_class=tokenizer,
-        peft_config=common.lora_config(shared),
-    )
-    theirs = trainer.train_dataset
+    args = trl_config(dict(shared, config="lora", seed=0, out=work / "parity"))
+    theirs = versus.trl_prepared(DPOTrainer, args, shared, tokenizer)
     cut = shared["max_length"]
     same_ids = same_targets = len(theirs) == len(ours)
     for e, prompt, *answers in zip(
@@ -308,167 +264,83 @@ def check_parity(shared: dict, work: Path) -> tuple[dict, list[int]]:
     return parity, lengths
 
 
-def batch_order(lengths: list[int], spec: dict) -> list[int]:
-    """Pair indices in the order posttrain's batches take them (epochs 0, 1, ...)."""
-    from posttrain.data.batching import plan_batches
-
-    need = spec["steps"] * spec["grad_accum"] * spec["batch_size"]
-    order: list[int] = []
-    epoch = 0
-    while len(order) < max(need, len(lengths)):
-        plan = plan_batches(
-            lengths, spec["batch_size"], spec["max_length"], False, spec["seed"], epoch
-        )
-        order += [row[0] for batch in plan for row in batch]
-        epoch += 1
-    return order
-
-
 # ----------------------------------------------------------------------------- workers
-
-
-class PolicyClock(common.StepClock):
-    """A StepClock that counts only forwards with gradients enabled: the policy's, not the
-    no-grad reference forwards or the reference precomputation."""
-
-    def attach(self, model) -> None:
-        import torch
-
-        def count(module, args):
-            if self.counting and torch.is_grad_enabled():
-                ids = args[0]
-                self.real += int((ids != self.pad_id).sum())
-                self.padded += ids.numel()
-
-        model.get_input_embeddings().register_forward_pre_hook(count)
 
 
 def lr_of(spec: dict) -> float:
     return spec["lr_lora"] if spec["config"] == "lora" else spec["lr_full"]
 
 
-def trl_config(spec: dict, out: Path):
+def trl_config(spec: dict):
     from trl import DPOConfig
 
     return DPOConfig(
-        output_dir=str(out),
-        max_steps=spec["steps"],
-        per_device_train_batch_size=spec["batch_size"],
-        gradient_accumulation_steps=spec["grad_accum"],
+        **versus.offline_trl_args(spec),
         learning_rate=lr_of(spec),
-        lr_scheduler_type="cosine",
-        warmup_steps=spec["warmup"],
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        max_length=spec["max_length"],
         beta=spec["beta"],
         loss_type=["sigmoid"],
         precompute_ref_log_probs=spec["config"] == "full",
-        train_sampling_strategy="sequential" if spec.get("order") else "random",
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        logging_steps=1,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-        seed=spec["seed"],
     )
+
+
+def policy_clock(spec: dict) -> common.StepClock:
+    """A StepClock that counts only forwards with gradients enabled: the policy's, not the
+    no-grad reference forwards or the reference precomputation."""
+    return common.StepClock(spec["pad_id"], grad_only=True)
 
 
 def worker_ours(spec: dict) -> dict:
     from posttrain.train import dpo
 
-    clock = PolicyClock(spec["pad_id"])
+    clock = policy_clock(spec)
     clock.job_tokens = 0  # both sequences of a pair, as the trainer counts them (one row or two)
     models = common.time_posttrain_steps(dpo, clock)
-    out = Path(spec["out"])
     dpo.dpo(
-        {
-            "model": spec["model"],
-            "data": {"train": spec["train"]},
-            "output_dir": str(out),
-            "adapter": "lora" if spec["config"] == "lora" else "full",
-            "lora": {"r": spec["lora_r"], "alpha": spec["lora_alpha"], "dropout": 0.0},
-            "loss": "dpo",
-            "beta": spec["beta"],
-            "max_steps": spec["steps"],
-            "batch_size": spec["batch_size"],
-            "grad_accum": spec["grad_accum"],
-            "lr": lr_of(spec),
-            "schedule": "cosine",
-            "warmup": float(spec["warmup"]),
-            "weight_decay": 0.0,
-            "max_grad_norm": 1.0,
-            "max_length": spec["max_length"],
-            "seed": spec["seed"],
-            "log_every": 1,
-            "dtype": "float32",
-            "attn_implementation": "sdpa",
-        }
+        versus.posttrain_config(
+            spec,
+            **versus.offline_settings(spec),
+            adapter="lora" if spec["config"] == "lora" else "full",
+            lora=versus.posttrain_lora(spec),
+            loss="dpo",
+            beta=spec["beta"],
+            lr=lr_of(spec),
+        )
     )
     clock.stop()
-    logs = [r for r in common.read_jsonl(out / "metrics.jsonl") if "loss" in r]
-    holdout = json.loads(Path(spec["holdout"]).read_text())
-    held = heldout_metrics(models[0], holdout, spec["pad_id"], spec["beta"])
-    return finish(clock, logs, ("lr", "accuracy"), held)
+    logs = versus.posttrain_logs(spec["out"])
+    return finish(clock, logs, ("lr", "accuracy"), heldout(models[0], spec))
 
 
 def worker_trl(spec: dict) -> dict:
-    import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOTrainer
 
-    clock = PolicyClock(spec["pad_id"])
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            clock.begin()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.step_end()
-
-    datasets.disable_progress_bars()
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(
-        spec["model"], dtype="float32", attn_implementation="sdpa"
+    clock = policy_clock(spec)
+    tokenizer, model = versus.trl_inputs(spec)
+    lora = common.lora_config(spec) if spec["config"] == "lora" else None
+    # the pairs in a posttrain batch plan's order, read in sequence
+    trainer = versus.train_trl(DPOTrainer, spec, clock, trl_config(spec), tokenizer, model, lora)
+    logs = versus.logged(trainer.state.log_history)
+    return finish(
+        clock, logs, ("learning_rate", "rewards/accuracies"), heldout(trainer.model, spec)
     )
-    clock.attach(model)
-    rows = common.read_jsonl(spec["train"])
-    if spec.get("order"):  # identical batches: posttrain's length-grouped order, read in sequence
-        rows = [rows[i] for i in spec["order"]]
-    trainer = DPOTrainer(
-        model=model,
-        args=trl_config(spec, Path(spec["out"])),
-        train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=common.lora_config(spec) if spec["config"] == "lora" else None,
-        callbacks=[Clock()],
-    )
-    trainer.train()
-    clock.stop()
-    logs = [r for r in trainer.state.log_history if "loss" in r]
+
+
+def heldout(model, spec: dict) -> dict[str, float]:
+    """heldout_metrics on the spec's held-out pairs."""
     holdout = json.loads(Path(spec["holdout"]).read_text())
-    held = heldout_metrics(trainer.model, holdout, spec["pad_id"], spec["beta"])
-    return finish(clock, logs, ("learning_rate", "rewards/accuracies"), held)
+    return heldout_metrics(model, holdout, spec["pad_id"], spec["beta"])
 
 
 def finish(clock: common.StepClock, logs: list[dict], keys: tuple[str, str], held: dict) -> dict:
     """The worker's result: timings, memory, per-step loss, lr, gradient norm, accuracy."""
-    import torch
-
     lr_key, accuracy_key = keys
-    return {
-        **clock.summary(skip=1),
-        "losses": [r["loss"] for r in logs],
-        "lrs": [r[lr_key] for r in logs],
-        "grad_norms": [r["grad_norm"] for r in logs],
-        "accuracies": [r[accuracy_key] for r in logs],
-        **held,
-        "threads": torch.get_num_threads(),
+    series = {
+        "losses": "loss",
+        "lrs": lr_key,
+        "grad_norms": "grad_norm",
+        "accuracies": accuracy_key,
     }
+    return versus.worker_result(clock, logs, series, **held)
 
 
 # ----------------------------------------------------------------------------- report
@@ -478,12 +350,7 @@ def main_table(results: dict, steps: int) -> str:
     headers = [
         "config",
         "trainer",
-        "tokens/s",
-        "vs TRL",
-        "tokens/CPU-s",
-        "vs TRL",
-        "peak RSS MiB",
-        "vs TRL",
+        *versus.versus_headers("tokens/s", "tokens/CPU-s", "peak RSS MiB"),
         "RSS at start MiB",
         "padding",
         "loss, step 1",
@@ -491,51 +358,33 @@ def main_table(results: dict, steps: int) -> str:
         "held-out loss",
         "held-out accuracy",
     ]
+    keys = ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib")
     rows = []
-    for config in CONFIGS:
-        runs = {side: results.get((side, config), []) for side in ("ours", "trl")}
-        if not runs["ours"] or not runs["trl"]:
-            continue
-        for side, name in (("ours", "posttrain"), ("trl", "TRL")):
-            r, other = runs[side], runs["trl"]
-            cells = []
-            for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib"):
-                mine = [x[key] for x in r]
-                ratio = common.ratio_cell(mine, [x[key] for x in other], key != "peak_rss_mib")
-                cells += [common.median_spread(mine), ratio if side == "ours" else "1.00x"]
-            rows.append(
-                [
-                    config,
-                    name,
-                    *cells,
-                    common.median_spread([x["rss_start_mib"] for x in r]),
-                    f"{100 * statistics.median(x['padding_share'] for x in r):.1f}%",
-                    common.mean_sd([x["losses"][0] for x in r]),
-                    common.mean_sd([common.tail_mean(x["losses"]) for x in r]),
-                    common.mean_sd([x["heldout_loss"] for x in r]),
-                    common.mean_sd([x["heldout_accuracy"] for x in r]),
-                ]
-            )
+    for config, side, name, runs in versus.side_rows(results, CONFIGS):
+        r = runs[side]
+        rows.append([
+            config,
+            name,
+            *versus.versus_cells(runs, side, keys),
+            common.median_spread([x["rss_start_mib"] for x in r]),
+            versus.padding_cell(r),
+            common.mean_sd([x["losses"][0] for x in r]),
+            common.mean_sd([common.tail_mean(x["losses"]) for x in r]),
+            common.mean_sd([x["heldout_loss"] for x in r]),
+            common.mean_sd([x["heldout_accuracy"] for x in r]),
+        ])  # fmt: skip
     return common.markdown_table(headers, rows)
 
 
 def curve_table(results: dict, steps: int) -> str:
     marks = sorted({1, 2, 5, *range(10, steps + 1, 10), steps})
-    rows = []
-    for config in CONFIGS:
-        for side, name in (("ours", "posttrain"), ("trl", "TRL")):
-            runs = results.get((side, config), [])
-            if runs:
-                cells = [
-                    f"{statistics.median(r['losses'][m - 1] for r in runs):.4f}" for m in marks
-                ]
-                rows.append([f"{name}, {config}", *cells])
-    return common.markdown_table(["run", *[f"step {m}" for m in marks]], rows)
+    rows = versus.curve_rows(results, CONFIGS, str)
+    return versus.curve_table(rows, marks, "losses", 4)
 
 
 def live_line(results: dict) -> str:
     """posttrain `full` against TRL's default for full fine-tuning (a live reference model)."""
-    ours, live = results.get(("ours", "full"), []), results.get(("trl", "full_live"), [])
+    ours, live = results.get(("ours", "full"), []), results.get(("trl-live", "full"), [])
     if not ours or not live:
         return ""
     speed = [x["tokens_per_s"] for x in live]
@@ -555,35 +404,21 @@ def live_line(results: dict) -> str:
 
 
 def parity_line(config: str, pair: dict) -> str:
-    ours, trl = pair["ours"], pair["trl"]
-    diffs = [abs(a - b) for a, b in zip(ours["losses"], trl["losses"])]
-    lr_diff = max(abs(a - b) for a, b in zip(ours["lrs"], trl["lrs"]))
+    first, last = versus.both(pair, "losses", 0, 6), versus.both(pair, "losses", -1)
+    tokens = f"{pair['ours']['tokens']} vs {pair['trl']['tokens']}"
     return (
-        f"- {config}: step 1 loss {ours['losses'][0]:.6f} vs {trl['losses'][0]:.6f} (log 2 = "
-        f"{math.log(2):.6f}); max |loss difference| over the {len(diffs)} steps "
-        f"{max(diffs):.2e} (last: {ours['losses'][-1]:.4f} vs {trl['losses'][-1]:.4f}); "
-        f"max |lr difference| {lr_diff:.1e}; held-out loss {ours['heldout_loss']:.4f} vs "
-        f"{trl['heldout_loss']:.4f}; tokens credited over the timed steps {ours['tokens']} vs "
-        f"{trl['tokens']}"
+        f"- {config}: step 1 loss {first} (log 2 = {math.log(2):.6f}); "
+        f"{versus.loss_gap_text(pair)} (last: {last}); {versus.lr_and_heldout_text(pair)}; "
+        f"tokens credited over the timed steps {tokens}"
     )
 
 
 def report(results, pairs, parity, shared, command, elapsed) -> str:
     s = shared
-    threads = sorted({r["threads"] for runs in results.values() for r in runs})
-    loads = [r["load_start"] for runs in results.values() for r in runs]
-    policy = "PASSIVE" if s["omp_passive"] else "default (spin)"
     same_curves = "\n".join(parity_line(c, pair) for c, pair in pairs.items())
-    return f"""Command: `{command}` ({elapsed / 60:.0f} min in all, on a shared machine).
+    return f"""{versus.report_header(results, s, command, elapsed)}
 
-Machine: {common.machine()}; {common.versions("torch", "transformers", "peft", "trl")};
-{"/".join(map(str, threads))} torch threads, OMP_WAIT_POLICY={policy}, fp32, sdpa attention.
-Load average at the start of the runs: {min(loads):.1f} to {max(loads):.1f} (2.0 = both
-cores busy).
-
-Model: Llama-shaped, random weights, hidden {s["hidden"]}, {s["layers"]} layers,
-{s["heads"]} heads, MLP {s["intermediate"]}, vocab {s["vocab"]} (BPE trained here), untied
-head, {s["params"] / 1e6:.1f}M parameters. Configurations: `lora` = LoRA r={s["lora_r"]},
+{versus.llama_text(s)} Configurations: `lora` = LoRA r={s["lora_r"]},
 alpha={s["lora_alpha"]:g}, dropout 0, every linear layer but the head, reference = the adapter
 disabled (a no-grad forward per micro-batch), lr {s["lr_lora"]:g}; `full` = every parameter,
 reference log-probs precomputed before step 1 (TRL `precompute_ref_log_probs=True`), lr
@@ -637,64 +472,38 @@ def run_pair(
 ) -> dict:
     """Run both trainers (in the order `sides`) on one setting; returns {side: result}. TRL
     reads the pairs in the order posttrain's batch plan gives for `lengths`."""
-    out = {}
-    for side in sides:
-        spec = dict(shared, config=config, seed=seed, out=str(work / f"{side}-{name}"), **extra)
-        if side == "trl":
-            spec["order"] = batch_order(lengths, spec)
-        path = work / f"{side}-{name}.spec.json"
-        path.write_text(json.dumps(spec))
-        env = dict(common.omp_env(shared["threads"], shared["omp_passive"]), TQDM_DISABLE="1")
-        result = common.run_worker(HERE, ["--worker", side, "--spec", str(path)], env)
-        print(
-            f"{side}-{name}: {result['tokens_per_s']:.0f} tok/s "
-            f"({result['tokens_per_cpu_s']:.0f}/CPU-s), "
-            f"peak RSS {result['peak_rss_mib']:.0f} MiB, loss step 1 {result['losses'][0]:.5f}, "
-            f"last {common.tail_mean(result['losses']):.4f}, held-out {result['heldout_loss']:.4f}, "
-            f"load {result['load_start']:.1f}->{result['load_end']:.1f}",
-            file=sys.stderr,
-            flush=True,
-        )
-        out[side] = result
-    return out
+    spec = dict(shared, config=config, seed=seed, **extra)
+    env = versus.worker_env(shared, TQDM_DISABLE="1")
+    extend = versus.trl_reads_in_order(lengths)
+    return versus.run_sides(HERE, work, name, sides, spec, env, describe, extend)
+
+
+def describe(result: dict) -> str:
+    """A worker's stderr progress line."""
+    return (
+        f"{versus.speed_text(result)}, loss step 1 {result['losses'][0]:.5f}, "
+        f"last {common.tail_mean(result['losses']):.4f}, held-out {result['heldout_loss']:.4f}, "
+        f"{versus.load_text(result)}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a fast smoke run")
+    parser = versus.benchmark_parser(__doc__)
     parser.add_argument("--config", choices=[*CONFIGS, "both"], default="both")
-    parser.add_argument("--repeats", type=int, default=0, help="override the repeats")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    parser.add_argument(
-        "--omp-spin", action="store_true", help="keep OpenMP's default spin-waiting"
-    )
-    parser.add_argument(
-        "--no-readme", action="store_true", help="do not write README.md (--config: never)"
-    )
-    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        spec = json.loads(Path(args.spec).read_text())
-        run = worker_ours if args.worker == "ours" else worker_trl
-        Path(args.result).write_text(json.dumps(run(spec)))
+    versus.add_run_options(parser, "do not write README.md (--config: never)")
+    args = versus.parse_args(parser, argv)
+    if versus.run_as_worker(args, {"ours": worker_ours, "trl": worker_trl}):
         return 0
 
-    setup = QUICK if args.quick else Setup()
-    if args.repeats:
-        setup.repeats = args.repeats
-    setup.threads = args.threads
-    setup.omp_passive = not args.omp_spin
+    setup = versus.apply_run_options(QUICK if args.quick else Setup(), args)
     configs = list(CONFIGS) if args.config == "both" else [args.config]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         work = Path(tmp)
         shared = prepare(work, setup)
         parity, grouping = check_parity(shared, work)
-        print(json.dumps(parity), file=sys.stderr)
-        if not (parity["identical_ids"] and parity["identical_trained_positions"]):
-            print("error: the two sides do not train on the same tokens", file=sys.stderr)
+        checks = [parity["identical_ids"], parity["identical_trained_positions"]]
+        if not versus.parity_holds(parity, checks, "train on the same tokens"):
             return 1
         pairs = {
             c: run_pair(
@@ -710,29 +519,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             for c in configs
         }
-        results: dict[tuple[str, str], list[dict]] = {}
-        for repeat in range(setup.repeats):
-            sides = ("ours", "trl") if repeat % 2 else ("trl", "ours")
-            for config in configs:
-                name, trl_lengths = f"{config}-{repeat}", grouping["trl"]  # grouped for TRL
-                runs = run_pair(shared, work, name, config, repeat, trl_lengths, sides)
-                if config == "full" and repeat == 0:  # TRL's default for full fine-tuning
-                    live = run_pair(shared, work, f"live-{repeat}", "full_live", 0, trl_lengths)
-                    runs["trl-live"] = live["trl"]
-                for side, result in runs.items():
-                    key = ("trl", "full_live") if side == "trl-live" else (side, config)
-                    results.setdefault(key, []).append(result)
-        flags = [
-            f
-            for f, on in (
-                ("--quick", args.quick),
-                (f"--config {args.config}", args.config != "both"),
-                (f"--threads {args.threads}", args.threads),
-                ("--omp-spin", args.omp_spin),
-            )
-            if on
-        ]
-        command = " ".join(["python benchmarks/dpo.py", *flags])
+
+        def run(repeat: int, config: str, sides) -> dict:
+            name, trl_lengths = f"{config}-{repeat}", grouping["trl"]  # grouped for TRL
+            runs = run_pair(shared, work, name, config, repeat, trl_lengths, sides)
+            if config == "full" and repeat == 0:  # TRL's default for full fine-tuning
+                live = run_pair(shared, work, f"live-{repeat}", "full_live", 0, trl_lengths)
+                runs["trl-live"] = live["trl"]
+            return runs
+
+        results = versus.run_repeats(setup.repeats, configs, run)
+        config_flag = (f"--config {args.config}", args.config != "both")
+        command = versus.command_line("dpo.py", args, config_flag)
         text = report(results, pairs, parity, shared, command, time.perf_counter() - started)
     print(text)
     if not args.no_readme and not args.quick and args.config == "both":

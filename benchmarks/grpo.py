@@ -66,8 +66,6 @@ one).
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import statistics
 import sys
@@ -78,6 +76,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import common
+import versus
 
 HERE = Path(__file__).resolve()
 BASE = HERE.parent.parent / "posttrain" / "world" / "base"
@@ -86,7 +85,7 @@ TITLE = "GRPO: posttrain vs TRL GRPOTrainer (CPU)"
 
 
 @dataclass
-class Setup:
+class Setup(versus.SharedSetup):
     """Everything both trainers share."""
 
     task: str = "arithmetic"  # tiny-world task kind of the prompts
@@ -96,12 +95,8 @@ class Setup:
     temperature: float = 1.0
     steps: int = 24
     lr: float = 5e-4
-    lora_r: int = 16
-    lora_alpha: float = 32.0
     betas: tuple = (0.0, 0.04)
     repeats: int = 3
-    threads: int = 0  # torch threads in the workers; 0 = torch's default (one per core)
-    omp_passive: bool = True  # OMP_WAIT_POLICY=PASSIVE in the workers (see common.omp_env)
 
 
 QUICK = Setup(steps=4, repeats=1)
@@ -195,13 +190,12 @@ def row_key(row: dict) -> tuple[str, str]:
 # ----------------------------------------------------------------------------- measuring
 
 
-class PhaseClock(common.StepClock):
-    """common.StepClock with completion tokens instead of embedding-hook tokens (`real` =
-    completion tokens sampled, `padded` = completion slots of the sampled batches), plus
-    seconds per phase (generate, reward, reference) snapshotted at each step's end."""
+class PhaseClock(common.SampleClock):
+    """common.SampleClock (completion tokens instead of embedding-hook tokens) plus seconds per
+    phase (generate, reward, reference) snapshotted at each step's end."""
 
     def __init__(self, rows_per_step: int):
-        super().__init__(pad_id=-1)
+        super().__init__()
         self.rows_per_step = rows_per_step  # completions sampled per step
         self.phases = dict.fromkeys(PHASES, 0.0)
         self.phase_steps: list[dict[str, float]] = []
@@ -218,10 +212,6 @@ class PhaseClock(common.StepClock):
             return out
 
         return wrapper
-
-    def sampled(self, tokens: int, slots: int) -> None:
-        self.real += tokens
-        self.padded += slots
 
     def step_end(self) -> None:
         super().step_end()
@@ -249,108 +239,63 @@ def no_grad_now() -> bool:
     return not torch.is_grad_enabled()
 
 
-def finish(clock: PhaseClock, rewards: list[float], losses: list[float]) -> dict:
-    import torch
-
-    return {
-        **clock.summary(skip=1),
-        "rewards": rewards,
-        "losses": losses,
-        "threads": torch.get_num_threads(),
-    }
+def finish(clock: PhaseClock, logs: list[dict], reward_key: str) -> dict:
+    """The worker's result: timings, phases, memory, and per-step reward and loss."""
+    return versus.worker_result(clock, logs, {"rewards": reward_key, "losses": "loss"})
 
 
 # ----------------------------------------------------------------------------- workers
 
 
-def patch_function(module: str, name: str, wrap) -> None:
-    """Replace `module.name` with `wrap(original)` in every loaded posttrain module that imported
-    it (`from module import name`), so the wrapper holds wherever the trainer calls it from."""
-    import importlib
-
-    original = getattr(importlib.import_module(module), name)
-    wrapped = wrap(original)
-    patched = 0
-    for loaded in list(sys.modules.values()):
-        if getattr(loaded, "__name__", "").startswith("posttrain") and (
-            getattr(loaded, name, None) is original
-        ):
-            setattr(loaded, name, wrapped)
-            patched += 1
-    if not patched:
-        raise RuntimeError(f"{module}.{name} is not used by any loaded posttrain module")
-
-
 def worker_ours(spec: dict) -> dict:
-    from posttrain.train import grpo, loop
+    from posttrain.train import grpo
 
     clock = PhaseClock(spec["prompts_per_step"] * spec["num_generations"])
 
     def counted(sample):
-        def counted_sample(*args, **kwargs):
-            r = sample(*args, **kwargs)
-            clock.sampled(int(r.completion_mask.sum()), r.completion_mask.numel())
-            return r
+        return clock.timed("generate", clock.count_samples(sample))
 
-        return clock.timed("generate", counted_sample)
-
-    patch_function("posttrain.rollout.sampler", "sample", counted)
-    patch_function("posttrain.rollout.rewards", "combine", lambda f: clock.timed("reward", f))
-    patch_function(
+    common.patch_function("posttrain.rollout.sampler", "sample", counted)
+    common.patch_function(
+        "posttrain.rollout.rewards", "combine", lambda f: clock.timed("reward", f)
+    )
+    common.patch_function(
         grpo.completion_logprobs.__module__,
         "completion_logprobs",
         lambda f: clock.timed("reference", f, no_grad_now),
     )
-    step = loop.Loop.train_step
-
-    def timed_step(self):
-        clock.begin()
-        out = step(self)
-        clock.step_end()
-        return out
-
-    loop.Loop.train_step = timed_step
-    out = Path(spec["out"])
+    common.time_train_steps(clock)
     grpo.grpo(
-        {
-            "model": spec["model"],
-            "data": {"train": spec["train"]},
-            "output_dir": str(out),
-            "adapter": "lora",
-            "lora": {"r": spec["lora_r"], "alpha": spec["lora_alpha"], "dropout": 0.0},
-            "max_steps": spec["steps"],
-            "batch_size": spec["prompts_per_step"],
-            "grad_accum": 1,
-            "num_generations": spec["num_generations"],
-            "max_new_tokens": spec["max_new_tokens"],
-            "temperature": spec["temperature"],
-            "reward": {"fn": ["grpo:answer_reward"]},
-            "advantage": "grpo",
-            "loss_aggregation": "token",
-            "beta": spec["beta"],
-            "clip_eps": 0.2,
-            "num_iterations": 1,
-            "lr": spec["lr"],
-            "schedule": "constant",
-            "warmup": 0.0,
-            "weight_decay": 0.0,
-            "max_grad_norm": 1.0,
-            "seed": spec["seed"],
-            "log_every": 1,
-            "save_every": 0,
-            "dtype": "float32",
-            "attn_implementation": "sdpa",
-        }
+        versus.posttrain_config(
+            spec,
+            adapter="lora",
+            lora=versus.posttrain_lora(spec),
+            max_steps=spec["steps"],
+            batch_size=spec["prompts_per_step"],
+            grad_accum=1,
+            num_generations=spec["num_generations"],
+            max_new_tokens=spec["max_new_tokens"],
+            temperature=spec["temperature"],
+            reward={"fn": ["grpo:answer_reward"]},
+            advantage="grpo",
+            loss_aggregation="token",
+            beta=spec["beta"],
+            clip_eps=0.2,
+            num_iterations=1,
+            lr=spec["lr"],
+            schedule="constant",
+            warmup=0.0,
+            save_every=0,
+        )
     )
-    logs = [r for r in common.read_jsonl(out / "metrics.jsonl") if "loss" in r]
-    return finish(clock, [r["reward_mean"] for r in logs], [r["loss"] for r in logs])
+    return finish(clock, versus.posttrain_logs(spec["out"]), "reward_mean")
 
 
 def trl_config(spec: dict):
     from trl import GRPOConfig
 
     return GRPOConfig(
-        output_dir=spec["out"],
+        **versus.trl_args(spec),
         max_steps=spec["steps"],
         per_device_train_batch_size=spec["prompts_per_step"] * spec["num_generations"],
         gradient_accumulation_steps=1,
@@ -369,67 +314,33 @@ def trl_config(spec: dict):
         learning_rate=spec["lr"],
         lr_scheduler_type="constant",
         warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
         optim="adamw_torch",
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
         use_vllm=False,
-        logging_steps=1,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-        seed=spec["seed"],
     )
 
 
 def trl_trainer(spec: dict, model, tokenizer, rows: list[dict], callbacks: list):
-    import datasets
-    from peft import LoraConfig
     from trl import GRPOTrainer
 
-    lora = LoraConfig(
-        r=spec["lora_r"],
-        lora_alpha=spec["lora_alpha"],
-        lora_dropout=0.0,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-    return GRPOTrainer(
-        model=model,
+    lora = common.lora_config(spec)
+    return versus.trl_trainer(
+        GRPOTrainer,
+        model,
+        trl_config(spec),
+        rows,
+        tokenizer,
+        lora,
         reward_funcs=[answer_reward],
-        args=trl_config(spec),
-        train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=lora,
         callbacks=callbacks,
     )
 
 
 def worker_trl(spec: dict) -> dict:
-    import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-
     clock = PhaseClock(spec["prompts_per_step"] * spec["num_generations"])
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            clock.begin()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.step_end()
-
-    datasets.disable_progress_bars()
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(
-        spec["model"], dtype="float32", attn_implementation="sdpa"
-    )
+    tokenizer, model = versus.trl_inputs(spec)
     rows = common.read_jsonl(spec["train"])
     rows = [rows[i] for i in prompt_order(len(rows), spec)]
-    trainer = trl_trainer(spec, model, tokenizer, rows, [Clock()])
+    trainer = trl_trainer(spec, model, tokenizer, rows, [versus.trl_clock(clock)])
     generate = trainer._generate_single_turn
 
     def counted_generate(*args, **kwargs):
@@ -444,8 +355,7 @@ def worker_trl(spec: dict) -> dict:
         "reference", trainer._get_per_token_logps_and_entropies, no_grad_now
     )
     trainer.train()
-    logs = [r for r in trainer.state.log_history if "reward" in r]
-    return finish(clock, [r["reward"] for r in logs], [r["loss"] for r in logs])
+    return finish(clock, versus.logged(trainer.state.log_history, "reward"), "reward")
 
 
 # ----------------------------------------------------------------------------- report
@@ -456,73 +366,44 @@ def main_table(results: dict, betas) -> str:
         "beta",
         "trainer",
         "s/step",
-        "step tokens/s",
-        "vs TRL",
-        "tokens/CPU-s",
-        "vs TRL",
-        "rollout tokens/s",
-        "vs TRL",
+        *versus.versus_headers("step tokens/s", "tokens/CPU-s", "rollout tokens/s"),
         "generate / reward / reference / rest (s/step)",
         "peak RSS MiB",
         "RSS at start MiB",
         "completion tokens",
         "mean reward",
     ]
+    keys = ("tokens_per_s", "tokens_per_cpu_s", "rollout_tokens_per_s")
     rows = []
-    for beta in betas:
-        runs = {side: results.get((side, beta), []) for side in ("ours", "trl")}
-        if not runs["ours"] or not runs["trl"]:
-            continue
-        for side, name in (("ours", "posttrain"), ("trl", "TRL")):
-            r = runs[side]
-            cells = [common.median_spread([x["step_s"] for x in r], "{:.2f}")]
-            for key in ("tokens_per_s", "tokens_per_cpu_s", "rollout_tokens_per_s"):
-                mine = [x[key] for x in r]
-                other = [x[key] for x in runs["trl"]]
-                cells += [
-                    common.median_spread(mine),
-                    common.ratio_cell(mine, other) if side == "ours" else "1.00x",
-                ]
-            split = " / ".join(
-                f"{statistics.median(x[f'{p}_s'] for x in r):.2f}" for p in (*PHASES, "other")
-            )
-            rows.append(
-                [
-                    f"{beta:g}",
-                    name,
-                    *cells,
-                    split,
-                    common.median_spread([x["peak_rss_mib"] for x in r]),
-                    common.median_spread([x["rss_start_mib"] for x in r]),
-                    f"{statistics.median(x['completion_length'] for x in r):.1f}",
-                    f"{statistics.median(statistics.fmean(x['rewards']) for x in r):.3f}",
-                ]
-            )
+    for beta, side, name, runs in versus.side_rows(results, betas):
+        r = runs[side]
+        split = " / ".join(
+            f"{statistics.median(x[f'{p}_s'] for x in r):.2f}" for p in (*PHASES, "other")
+        )
+        rows.append([
+            f"{beta:g}",
+            name,
+            common.median_spread([x["step_s"] for x in r], "{:.2f}"),
+            *versus.versus_cells(runs, side, keys),
+            split,
+            common.median_spread([x["peak_rss_mib"] for x in r]),
+            common.median_spread([x["rss_start_mib"] for x in r]),
+            f"{statistics.median(x['completion_length'] for x in r):.1f}",
+            f"{statistics.median(statistics.fmean(x['rewards']) for x in r):.3f}",
+        ])  # fmt: skip
     return common.markdown_table(headers, rows)
 
 
-def curve_table(results: dict, steps: int) -> str:
+def curve_table(results: dict, betas, steps: int) -> str:
     marks = sorted({1, 2, *range(4, steps + 1, 4), steps})
-    rows = []
-    for (side, beta), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        name = "posttrain" if side == "ours" else "TRL"
-        cells = [f"{statistics.median(r['rewards'][m - 1] for r in runs):.3f}" for m in marks]
-        rows.append([f"{name}, beta {beta:g}", *cells])
-    return common.markdown_table(["run", *[f"step {m}" for m in marks]], rows)
+    rows = versus.curve_rows(results, sorted(set(betas)), lambda beta: f"beta {beta:g}")
+    return versus.curve_table(rows, marks, "rewards", 3)
 
 
 def report(results: dict, parity: dict, shared: dict, command: str, elapsed: float) -> str:
     s = shared
-    threads = sorted({r["threads"] for runs in results.values() for r in runs})
-    loads = [r["load_start"] for runs in results.values() for r in runs]
-    policy = "PASSIVE" if s["omp_passive"] else "default (spin)"
     P, G = s["prompts_per_step"], s["num_generations"]
-    return f"""Command: `{command}` ({elapsed / 60:.0f} min in all, on a shared machine).
-
-Machine: {common.machine()}; {common.versions("torch", "transformers", "peft", "trl")};
-{"/".join(map(str, threads))} torch threads, OMP_WAIT_POLICY={policy}, fp32, sdpa attention.
-Load average at the start of the runs: {min(loads):.1f} to {max(loads):.1f} (2.0 = both
-cores busy).
+    return f"""{versus.report_header(results, s, command, elapsed)}
 
 Model: the tiny world's base (`posttrain/world/base`, Llama, 1.1M parameters, vocab 2048),
 LoRA r={s["lora_r"]}, alpha={s["lora_alpha"]:g}, dropout 0, every linear layer but the head.
@@ -555,7 +436,7 @@ TRL: `per_device_train_batch_size={P * G}` (completions) `gradient_accumulation_
 Reward per step (mean over the step's {P * G} completions, median over repeats; sanity only,
 {s["steps"]} steps are too few to read a learning curve from):
 
-{curve_table(results, s["steps"])}
+{curve_table(results, s["betas"], s["steps"])}
 """
 
 
@@ -564,83 +445,54 @@ Reward per step (mean over the step's {P * G} completions, median over repeats; 
 
 def run_pair(shared: dict, work: Path, name: str, beta: float, seed: int, sides) -> dict:
     """Run both trainers (in the order `sides`) on one setting; returns {side: result}."""
-    out = {}
-    for side in sides:
-        spec = dict(shared, beta=beta, seed=seed, out=str(work / f"{side}-{name}"))
-        path = work / f"{side}-{name}.spec.json"
-        path.write_text(json.dumps(spec))
-        env = dict(common.omp_env(shared["threads"], shared["omp_passive"]), TQDM_DISABLE="1")
-        result = common.run_worker(HERE, ["--worker", side, "--spec", str(path)], env)
-        print(
-            f"{side}-{name}: {result['step_s']:.2f} s/step, {result['tokens_per_s']:.0f} tok/s "
-            f"({result['tokens_per_cpu_s']:.0f}/CPU-s), rollout "
-            f"{result['rollout_tokens_per_s']:.0f} tok/s, peak RSS "
-            f"{result['peak_rss_mib']:.0f} MiB, length {result['completion_length']:.1f}, reward "
-            f"{statistics.fmean(result['rewards']):.3f}, load "
-            f"{result['load_start']:.1f}->{result['load_end']:.1f}",
-            file=sys.stderr,
-            flush=True,
-        )
-        out[side] = result
-    return out
+    spec = dict(shared, beta=beta, seed=seed)
+    env = versus.worker_env(shared, TQDM_DISABLE="1")
+    return versus.run_sides(HERE, work, name, sides, spec, env, describe)
+
+
+def describe(result: dict) -> str:
+    """A worker's stderr progress line."""
+    return (
+        f"{result['step_s']:.2f} s/step, {result['tokens_per_s']:.0f} tok/s "
+        f"({result['tokens_per_cpu_s']:.0f}/CPU-s), rollout "
+        f"{result['rollout_tokens_per_s']:.0f} tok/s, peak RSS "
+        f"{result['peak_rss_mib']:.0f} MiB, length {result['completion_length']:.1f}, reward "
+        f"{statistics.fmean(result['rewards']):.3f}, {versus.load_text(result)}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a fast smoke run")
+    parser = versus.benchmark_parser(__doc__)
     parser.add_argument("--beta", type=float, action="append", help="only these betas")
-    parser.add_argument("--repeats", type=int, default=0, help="override the repeats")
-    parser.add_argument("--steps", type=int, default=0, help="override the steps")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    parser.add_argument(
-        "--omp-spin", action="store_true", help="keep OpenMP's default spin-waiting"
-    )
-    parser.add_argument("--no-readme", action="store_true", help="do not write README.md")
-    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        spec = json.loads(Path(args.spec).read_text())
-        run = worker_ours if args.worker == "ours" else worker_trl
-        Path(args.result).write_text(json.dumps(run(spec)))
+    versus.add_run_options(parser, steps=True)
+    args = versus.parse_args(parser, argv)
+    if versus.run_as_worker(args, {"ours": worker_ours, "trl": worker_trl}):
         return 0
 
-    setup = QUICK if args.quick else Setup()
-    setup.repeats = args.repeats or setup.repeats
+    setup = versus.apply_run_options(QUICK if args.quick else Setup(), args)
     setup.steps = args.steps or setup.steps
     setup.betas = tuple(args.beta) if args.beta else setup.betas
-    setup.threads, setup.omp_passive = args.threads, not args.omp_spin
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
         work = Path(tmp)
         shared = prepare(work, setup)
         parity = check_parity(shared, work)
-        print(json.dumps(parity), file=sys.stderr)
-        same = parity["eos_ours"] == parity["eos_trl"]
-        if not (parity["identical_prompt_ids"] and same and parity["same_prompts_per_step"]):
-            print("error: the two sides do not sample from the same prompts", file=sys.stderr)
+        same_eos = parity["eos_ours"] == parity["eos_trl"]
+        checks = [parity["identical_prompt_ids"], same_eos, parity["same_prompts_per_step"]]
+        if not versus.parity_holds(parity, checks, "sample from the same prompts"):
             return 1
-        results: dict[tuple[str, float], list[dict]] = {}
-        for repeat in range(setup.repeats):
-            sides = ("ours", "trl") if repeat % 2 else ("trl", "ours")
-            for beta in setup.betas:
-                runs = run_pair(shared, work, f"beta{beta:g}-{repeat}", beta, repeat, sides)
-                for side, result in runs.items():
-                    results.setdefault((side, beta), []).append(result)
-        flags = [
-            f
-            for f, on in (
-                ("--quick", args.quick),
-                (" ".join(f"--beta {b:g}" for b in args.beta or []), args.beta),
-                (f"--repeats {args.repeats}", args.repeats),
-                (f"--steps {args.steps}", args.steps),
-                (f"--threads {args.threads}", args.threads),
-                ("--omp-spin", args.omp_spin),
-            )
-            if on
-        ]
-        command = " ".join(["python benchmarks/grpo.py", *flags])
+
+        def run(repeat: int, beta: float, sides) -> dict:
+            return run_pair(shared, work, f"beta{beta:g}-{repeat}", beta, repeat, sides)
+
+        results = versus.run_repeats(setup.repeats, setup.betas, run)
+        command = versus.command_line(
+            "grpo.py",
+            args,
+            (" ".join(f"--beta {b:g}" for b in args.beta or []), args.beta),
+            (f"--repeats {args.repeats}", args.repeats),
+            (f"--steps {args.steps}", args.steps),
+        )
         text = report(results, parity, shared, command, time.perf_counter() - started)
     print(text)
     if not (args.no_readme or args.quick):

@@ -9,7 +9,7 @@ TRL 1.16 (our .venv) has no PPO trainer; its experimental `PPOTrainer` last ship
     python3 -m venv /tmp/trl112
     /tmp/trl112/bin/pip install "torch==2.13.0" "trl==1.12.0" "transformers==5.23.0" peft
 
-(`--trl-python` points elsewhere.) Each trainer runs in a fresh process (`run_worker` below,
+(`--trl-python` points elsewhere.) Each trainer runs in a fresh process (`versus.run_sides`:
 common.run_worker with a chosen interpreter).
 
 What is the same on both sides: the policy (the tiny world's base, `posttrain/world/base`, a
@@ -41,9 +41,6 @@ Simplified on purpose: one tiny model, one setting, few repeats, CPU only; no lo
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -53,6 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import common
+import versus
 
 HERE = Path(__file__).resolve()
 BASE = HERE.parent.parent / "posttrain" / "world" / "base"
@@ -109,109 +107,57 @@ def prepare(work: Path, setup: Setup) -> dict:
 # ----------------------------------------------------------------------------- workers
 
 
-class RolloutClock(common.StepClock):
-    """StepClock whose `real` counts sampled completion tokens and whose steps are rollouts."""
-
-    def sampled(self, tokens: int, slots: int) -> None:
-        self.real += tokens
-        self.padded += slots
+class RolloutClock(common.SampleClock):
+    """A SampleClock (sampled completion tokens) whose steps are rollout batches."""
 
     def result(self) -> dict:
-        import torch
-
-        out = self.summary(skip=1)
         durations = [b[0] - a[0] for a, b in zip(self.steps, self.steps[1:])]
-        out["rollout_s"] = statistics.median(durations)
-        out["threads"] = torch.get_num_threads()
-        return out
+        return versus.worker_result(self, rollout_s=statistics.median(durations))
 
 
 def worker_ours(spec: dict) -> dict:
-    from posttrain.rollout import sampler
-    from posttrain.train import loop, online, ppo
+    from posttrain.train import ppo
 
-    clock = RolloutClock(pad_id=-1)
-    sample = sampler.sample
-
-    def counted_sample(*args, **kwargs):
-        r = sample(*args, **kwargs)
-        clock.sampled(int(r.completion_mask.sum()), r.completion_mask.numel())
-        return r
-
-    patched = [m for m in (sampler, online, ppo) if getattr(m, "sample", None) is sample]
-    for module in patched:
-        module.sample = counted_sample
-    if online not in patched and ppo not in patched:
-        raise RuntimeError("posttrain's PPO does not call sampler.sample through online/ppo")
-    step, count = loop.Loop.train_step, [0]
-
-    def timed_step(self):
-        clock.begin()
-        out = step(self)
-        count[0] += 1
-        if count[0] % spec["ppo_epochs"] == 0:
-            clock.step_end()
-        return out
-
-    loop.Loop.train_step = timed_step
+    clock = RolloutClock()
+    common.patch_function("posttrain.rollout.sampler", "sample", clock.count_samples)
+    common.time_train_steps(clock, every=spec["ppo_epochs"])
     ppo.ppo(
-        {
-            "model": spec["model"],
-            "data": {"train": spec["train"]},
-            "output_dir": spec["out"],
-            "adapter": "full",
-            "max_steps": spec["rollouts"] * spec["ppo_epochs"],
-            "batch_size": spec["batch_size"],
-            "grad_accum": spec["grad_accum"],
-            "num_minibatches": 1,
-            "ppo_epochs": spec["ppo_epochs"],
-            "max_new_tokens": spec["response_length"],
-            "temperature": 1.0,
-            "reward": {"model": spec["reward"]},
-            "beta": spec["beta"],
-            "target_kl": 0.0,
-            "kl_estimator": "k1",
-            "kl_placement": "reward",
-            "gamma": 1.0,
-            "lam": 0.95,
-            "clip_eps": 0.2,
-            "cliprange_value": 0.2,
-            "vf_coef": 0.1,
-            "whiten_advantages": True,
-            "lr": spec["lr"],
-            "schedule": "constant",
-            "warmup": 0.0,
-            "weight_decay": 0.0,
-            "max_grad_norm": 1.0,
-            "seed": spec["seed"],
-            "log_every": 1,
-            "save_every": 0,
-            "dtype": "float32",
-            "attn_implementation": "sdpa",
-        }
+        versus.posttrain_config(
+            spec,
+            adapter="full",
+            max_steps=spec["rollouts"] * spec["ppo_epochs"],
+            batch_size=spec["batch_size"],
+            grad_accum=spec["grad_accum"],
+            num_minibatches=1,
+            ppo_epochs=spec["ppo_epochs"],
+            max_new_tokens=spec["response_length"],
+            temperature=1.0,
+            reward={"model": spec["reward"]},
+            beta=spec["beta"],
+            target_kl=0.0,
+            kl_estimator="k1",
+            kl_placement="reward",
+            gamma=1.0,
+            lam=0.95,
+            clip_eps=0.2,
+            cliprange_value=0.2,
+            vf_coef=0.1,
+            whiten_advantages=True,
+            lr=spec["lr"],
+            schedule="constant",
+            warmup=0.0,
+            save_every=0,
+        )
     )
     return clock.result()
 
 
 def worker_trl(spec: dict) -> dict:
     import datasets
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        TrainerCallback,
-    )
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer, ppo_trainer
 
-    clock = RolloutClock(pad_id=-1)
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            clock.begin()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            clock.step_end()
-
+    clock = RolloutClock()
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(spec["model"], padding_side="left")
     generation = ppo_trainer.batch_generation
@@ -227,10 +173,6 @@ def worker_trl(spec: dict) -> dict:
 
     ppo_trainer.batch_generation = counted_generation
 
-    def load_policy():
-        return AutoModelForCausalLM.from_pretrained(spec["model"], dtype="float32",
-                                                    attn_implementation="sdpa")  # fmt: skip
-
     def load_scorer():
         return AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1,
                                                                   dtype="float32")  # fmt: skip
@@ -238,7 +180,7 @@ def worker_trl(spec: dict) -> dict:
     rows = [{"input_ids": r["input_ids"]} for r in common.read_jsonl(spec["train"])]
     rollout = spec["batch_size"] * spec["grad_accum"]
     args = PPOConfig(
-        output_dir=spec["out"],
+        **versus.trl_args(spec),
         per_device_train_batch_size=spec["batch_size"],
         gradient_accumulation_steps=spec["grad_accum"],
         num_mini_batches=1,
@@ -259,48 +201,24 @@ def worker_trl(spec: dict) -> dict:
         learning_rate=spec["lr"],
         lr_scheduler_type="constant",
         warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
         optim="adamw_torch",
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
         num_sample_generations=0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-        seed=spec["seed"],
     )
     trainer = PPOTrainer(
         args=args,
         processing_class=tokenizer,
-        model=load_policy(),
-        ref_model=load_policy(),
+        model=versus.load_causal_lm(spec["model"]),
+        ref_model=versus.load_causal_lm(spec["model"]),
         reward_model=load_scorer(),
         value_model=load_scorer(),
         train_dataset=datasets.Dataset.from_list(rows),
-        callbacks=[Clock()],
+        callbacks=[versus.trl_clock(clock)],
     )
     trainer.train()
     return clock.result()
 
 
 # ----------------------------------------------------------------------------- running
-
-
-def run_worker(python: str, args: list[str], env: dict[str, str]) -> dict:
-    """common.run_worker, with the interpreter chosen (the TRL side has its own venv)."""
-    result = Path(args[args.index("--spec") + 1]).with_suffix(".result.json")
-    result.unlink(missing_ok=True)
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0", **env)
-    cmd = [python, str(HERE), *args, "--result", str(result)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
-    if proc.returncode != 0 or not result.exists():
-        tail = (proc.stdout + proc.stderr)[-4000:]
-        raise RuntimeError(f"worker {' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
-    return json.loads(result.read_text())
 
 
 def trl_versions(python: str) -> str:
@@ -310,18 +228,16 @@ def trl_versions(python: str) -> str:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    headers = ["trainer", "s / rollout batch", "completion tokens/s", "vs TRL",
+    headers = ["trainer", "s / rollout batch", *versus.versus_headers("completion tokens/s"),
                "tokens/CPU-s", "completion tokens / row", "peak RSS MiB"]  # fmt: skip
     rows = []
     for side, name in (("ours", "posttrain ppo"), ("trl", "TRL 1.12 PPOTrainer")):
-        r, theirs = results[side], results["trl"]
-        rate = [x["tokens_per_s"] for x in r]
+        r = results[side]
         per_row = [x["tokens"] / (x["timed_steps"] * x["rollout_rows"]) for x in r]
         rows.append([
             name,
             common.median_spread([x["rollout_s"] for x in r], "{:.2f}"),
-            common.median_spread(rate),
-            common.ratio_cell(rate, [x["tokens_per_s"] for x in theirs]) if side == "ours" else "1.00x",
+            *versus.versus_cells(results, side, ("tokens_per_s",)),
             common.median_spread([x["tokens_per_cpu_s"] for x in r]),
             f"{statistics.median(per_row):.1f}",
             common.median_spread([x["peak_rss_mib"] for x in r]),
@@ -329,18 +245,16 @@ def table(results: dict[str, list[dict]]) -> str:
     return common.markdown_table(headers, rows)
 
 
+def describe(result: dict) -> str:
+    """A worker's stderr progress line."""
+    return f"{result['rollout_s']:.2f} s/rollout, {result['tokens_per_s']:.0f} tok/s"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rollout batches, 1 repeat")
+    parser = versus.benchmark_parser(__doc__, "fewer rollout batches, 1 repeat")
     parser.add_argument("--trl-python", default=TRL_PYTHON, help="python of the trl 1.12 venv")
-    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        spec = json.loads(Path(args.spec).read_text())
-        run = worker_ours if args.worker == "ours" else worker_trl
-        Path(args.result).write_text(json.dumps(run(spec)))
+    args = versus.parse_args(parser, argv)
+    if versus.run_as_worker(args, {"ours": worker_ours, "trl": worker_trl}):
         return 0
     if not Path(args.trl_python).exists():
         print(f"error: {args.trl_python} not found (see the docstring)", file=sys.stderr)
@@ -352,16 +266,14 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         shared = prepare(work, setup)
         env = dict(common.omp_env(setup.threads), TQDM_DISABLE="1")
+        python = {"trl": args.trl_python}
         for repeat in range(setup.repeats):
-            for side in ("trl", "ours") if repeat % 2 == 0 else ("ours", "trl"):
-                spec = dict(shared, seed=repeat, out=str(work / f"{side}-{repeat}"))
-                path = work / f"{side}-{repeat}.spec.json"
-                path.write_text(json.dumps(spec))
-                python = sys.executable if side == "ours" else args.trl_python
-                r = run_worker(python, ["--worker", side, "--spec", str(path)], env)
+            spec, sides = dict(shared, seed=repeat), versus.side_order(repeat)
+            runs = versus.run_sides(
+                HERE, work, str(repeat), sides, spec, env, describe, None, python
+            )
+            for side, r in runs.items():
                 r["rollout_rows"] = setup.batch_size * setup.grad_accum
-                print(f"{side}-{repeat}: {r['rollout_s']:.2f} s/rollout, "
-                      f"{r['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)  # fmt: skip
                 results[side].append(r)
     s = setup
     print(f"""Machine: {common.machine()}; ours: {common.versions("torch", "transformers")};
