@@ -7,7 +7,7 @@ import torch
 
 from posttrain.evaluate.generate import generate_ids, stop_token_ids
 from posttrain.rollout import encode_prompts, sample
-from posttrain.rollout.sampler import filter_logits
+from posttrain.rollout.sampler import filter_logits, inverse_cdf
 from tests.tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = [
@@ -77,6 +77,18 @@ def test_top_k_top_p_filter_by_hand():
     assert kept(filter_logits(logits, top_p=0.8)) == [True, True, False, False]
     assert kept(filter_logits(logits, top_p=0.81)) == [True, True, True, False]
     assert kept(filter_logits(logits, top_p=0.1)) == [True, False, False, False]
+
+
+def test_inverse_cdf_by_hand_and_in_frequency():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2]])
+    at = lambda u: int(inverse_cdf(probs, torch.tensor([u]))[0])  # noqa: E731
+    assert [at(0.0), at(0.49), at(0.5), at(0.79), at(0.81), at(0.999999)] == [1, 1, 3, 3, 4, 4]
+    assert int(inverse_cdf(2 * probs, torch.tensor([0.5]))[0]) == 3  # unnormalised rows
+    n = 200_000
+    rows = probs.expand(n, -1)
+    picks = inverse_cdf(rows, torch.rand(n, generator=torch.Generator().manual_seed(0)))
+    freq = torch.bincount(picks, minlength=5).double() / n
+    assert torch.allclose(freq, probs[0].double(), atol=4e-3)  # about 4 standard errors
 
 
 def test_sampled_tokens_stay_inside_top_k(model, tok):

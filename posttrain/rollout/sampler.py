@@ -15,7 +15,10 @@ the trainer needs comes out exact:
   kept; the text may run a few characters past the stop string). `ended` is False for rows cut
   at `max_new_tokens` (for the truncation penalty).
 - Randomness comes only from `generator` (a `torch.Generator` on the model's device), so a run
-  seeded or restored with `generator.set_state` reproduces its samples exactly.
+  seeded or restored with `generator.set_state` reproduces its samples exactly. A token is
+  drawn by inverse CDF (`inverse_cdf`): one uniform number per row, located in the row's
+  cumulative probabilities. `torch.multinomial` draws an exponential per vocabulary entry,
+  which took a fifth of small-model decoding time on CPU.
 
 Simplified on purpose: one batch at a time (the caller chunks), finished rows keep decoding pad
 tokens until the whole batch is done, no repetition penalty / min-p / beam search, and models
@@ -118,8 +121,19 @@ def next_tokens(
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
     scaled = logits / temperature
     probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
-    tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    uniforms = torch.rand(probs.shape[0], generator=generator, device=probs.device)
+    tokens = inverse_cdf(probs, uniforms)
     return tokens, torch.log_softmax(scaled, -1).gather(-1, tokens[:, None])[:, 0]
+
+
+def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """(B,) indices drawn from the rows of (B, V) `probs` (non-negative, any positive total)
+    given one uniform number in [0, 1) per row: the first index whose cumulative mass exceeds
+    u x the row's total. An index of zero probability is never drawn."""
+    cdf = probs.float().cumsum(-1)
+    target = uniforms.to(cdf)[:, None] * cdf[:, -1:]
+    picks = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return picks.clamp_(max=probs.shape[-1] - 1)
 
 
 def hits_stop_string(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> bool:

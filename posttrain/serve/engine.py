@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from posttrain.evaluate.generate import device_of, pad_id, stop_token_ids
+from posttrain.rollout.sampler import inverse_cdf
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +111,9 @@ def sample_next(
     sorted_probs, order = probs.sort(-1, descending=True)  # (B, V)
     before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly above each token
     sorted_probs = sorted_probs.masked_fill(before >= top_p[:, None], 0.0)  # keeps the top one
-    out = greedy.clone()
-    for b, gen in enumerate(generators):
-        if temperature[b] > 0:
-            pick = torch.multinomial(sorted_probs[b], 1, generator=gen)
-            out[b] = order[b, pick[0]]
-    return out
+    uniforms = torch.stack([torch.rand((), generator=g, device=g.device) for g in generators])
+    picks = order.gather(-1, inverse_cdf(sorted_probs, uniforms.to(probs.device))[:, None])[:, 0]
+    return torch.where(temperature > 0, picks, greedy)
 
 
 def split_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
