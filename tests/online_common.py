@@ -1,5 +1,6 @@
 """Shared by the online RL tests (test_grpo.py, test_ppo.py): a trivially learnable reward, a
-NaN reward, a prompt file with an optional bad row, and the run's metrics."""
+NaN reward, a prompt file with an optional bad row, the settings both trainers' runs share,
+and the run's metrics."""
 
 from __future__ import annotations
 
@@ -25,6 +26,22 @@ def write_prompts(path, n: int = 16, bad_row: int | None = None, varied: bool = 
                    "task": "arithmetic"}  # fmt: skip
             f.write(json.dumps(row) + "\n")
     return str(path)
+
+
+def online_config(tiny_dir, data, out, **settings) -> dict:
+    """A short LoRA run on the tiny model with `reward_fn`, plus the test's own `settings`."""
+    return {
+        "model": tiny_dir,
+        "data": {"train": data},
+        "output_dir": str(out),
+        "reward": {"fn": ["tests.online_common:reward_fn"]},
+        "max_new_tokens": 8,
+        "lr": 1e-2,
+        "warmup": 0,
+        "log_every": 1,
+        "lora": {"r": 4},
+        **settings,
+    }
 
 
 def metrics(out) -> list[dict]:

@@ -14,7 +14,7 @@ import posttrain.cli
 from posttrain.errors import UserError
 from posttrain.train.grpo import GRPOConfig, Rollouts, Spec, grpo, plan_rollouts
 from posttrain.train.online import completion_logprobs, load_prompts
-from tests.online_common import metrics, reward_fn, write_prompts
+from tests.online_common import metrics, online_config, reward_fn, write_prompts
 from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 ENTRY = ("posttrain.train.grpo", "GRPOConfig", "grpo", "GRPO / RLOO / Dr. GRPO online RL")
@@ -38,22 +38,8 @@ def tiny_dir(tmp_path_factory):
 
 
 def config(tiny_dir, data, out, **extra):
-    cfg = {
-        "model": tiny_dir,
-        "data": {"train": data},
-        "output_dir": str(out),
-        "reward": {"fn": ["tests.online_common:reward_fn"]},
-        "batch_size": 2,
-        "num_generations": 4,
-        "max_new_tokens": 8,
-        "max_steps": 3,
-        "lr": 1e-2,
-        "warmup": 0,
-        "log_every": 1,
-        "lora": {"r": 4},
-    }
-    cfg.update(extra)
-    return cfg
+    settings = {"batch_size": 2, "num_generations": 4, "max_steps": 3, **extra}
+    return online_config(tiny_dir, data, out, **settings)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -22,7 +22,7 @@ from posttrain.train.ppo import (
     plan_rollouts,
     ppo,
 )
-from tests.online_common import metrics, reward_fn, write_prompts
+from tests.online_common import metrics, online_config, reward_fn, write_prompts
 from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 ENTRY = ("posttrain.train.ppo", "PPOConfig", "ppo", "RLHF with PPO (value head, KL control)")
@@ -46,23 +46,8 @@ def tiny_dir(tmp_path_factory):
 
 
 def config(tiny_dir, data, out, **extra):
-    cfg = {
-        "model": tiny_dir,
-        "data": {"train": data},
-        "output_dir": str(out),
-        "reward": {"fn": ["tests.online_common:reward_fn"]},
-        "batch_size": 4,
-        "max_new_tokens": 8,
-        "max_steps": 4,
-        "ppo_epochs": 2,
-        "num_minibatches": 2,
-        "lr": 1e-2,
-        "warmup": 0,
-        "log_every": 1,
-        "lora": {"r": 4},
-    }
-    cfg.update(extra)
-    return cfg
+    settings = {"batch_size": 4, "max_steps": 4, "ppo_epochs": 2, "num_minibatches": 2, **extra}
+    return online_config(tiny_dir, data, out, **settings)
 
 
 # ----------------------------------------------------------------------------- end to end
