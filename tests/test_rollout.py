@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import pytest
 import torch
 
-from posttrain.evaluate.generate import generate_ids, stop_token_ids
+from posttrain.evaluate.generate import cache_keyword, generate_ids, stop_token_ids
 from posttrain.rollout import encode_prompts, sample
 from posttrain.rollout.sampler import filter_logits, inverse_cdf
 from tests.tiny import tiny_model, tiny_tokenizer
@@ -157,3 +160,19 @@ def test_chat_prompts_and_texts(tok):
     assert tok.decode(ids[0]).endswith("<|im_start|>assistant\n")
     r = sample(model, ids, pad_token_id=tok.pad_token_id, max_new_tokens=4, temperature=0)
     assert len(r.completions(tok)) == 2 and r.completion_ids.shape == (2, 4)
+
+
+def test_the_cache_goes_by_the_keyword_the_model_takes(model, tok):
+    from peft import LoraConfig, get_peft_model
+
+    keyword = cache_keyword(model)
+    assert keyword in inspect.signature(model.forward).parameters
+    llama = tiny_model("llama", vocab_size=len(tok))
+    plain = cache_keyword(llama)
+    assert (
+        cache_keyword(get_peft_model(llama, LoraConfig(r=2, target_modules="all-linear"))) == plain
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(model, tok, temperature=0, max_new_tokens=3)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -11,6 +11,7 @@ Simplified on purpose: greedy only, HF `generate` with its KV cache, one device.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -48,6 +49,20 @@ def pad_id(tok) -> int:
 
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def cache_keyword(model) -> str:
+    """The keyword a model's forward takes its KV cache by: `cache` in recent transformers 5
+    releases (where `past_key_values` is deprecated, to be removed in 5.40), else
+    `past_key_values`. A peft wrapper is looked through."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 @contextmanager

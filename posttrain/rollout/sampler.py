@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from posttrain.evaluate.generate import Prompt, device_of, render
+from posttrain.evaluate.generate import Prompt, cache_keyword, device_of, render
 
 
 @dataclass
@@ -177,7 +177,7 @@ def sample(
     ended = torch.zeros_like(done)
     tokens_out, logps_out, alive_out = [], [], []
     texts: list[list[int]] = [[] for _ in range(B)]
-    cache = DynamicCache(config=model.config)
+    cache, keyword = DynamicCache(config=model.config), cache_keyword(model)
     with eval_no_grad(model):
         step_ids, step_positions = ids, positions
         for _ in range(max_new_tokens):
@@ -185,7 +185,7 @@ def sample(
                 input_ids=step_ids,
                 attention_mask=mask,
                 position_ids=step_positions,
-                past_key_values=cache,
+                **{keyword: cache},
                 use_cache=True,
                 logits_to_keep=1,
             )

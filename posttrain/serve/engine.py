@@ -32,7 +32,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from posttrain.evaluate.generate import device_of, pad_id, stop_token_ids
+from posttrain.evaluate.generate import (
+    cache_keyword,
+    device_of,
+    pad_id,
+    returned_cache,
+    stop_token_ids,
+)
 from posttrain.rollout.sampler import inverse_cdf
 
 log = logging.getLogger(__name__)
@@ -296,7 +302,7 @@ class Engine:
         top_p = torch.tensor([r.request.top_p for r in rows], device=device)
         with torch.inference_mode(), self._use_adapter(batch[0].model):
             out = self.model(**inputs, use_cache=True)
-            cache = out.past_key_values
+            cache, keyword = returned_cache(out), cache_keyword(self.model)
             while rows:
                 logits = out.logits[:, -1]  # (B, V)
                 tokens = sample_next(logits, temperature, top_p, [r.generator for r in rows])
@@ -315,7 +321,7 @@ class Engine:
                     input_ids=tokens[:, None],
                     attention_mask=mask,
                     position_ids=positions,
-                    past_key_values=cache,
+                    **{keyword: cache},
                     use_cache=True,
                 )
 
