@@ -87,6 +87,8 @@ def test_inverse_cdf_by_hand_and_in_frequency():
     at = lambda u: int(inverse_cdf(probs, torch.tensor([u]))[0])  # noqa: E731
     assert [at(0.0), at(0.49), at(0.5), at(0.79), at(0.81), at(0.999999)] == [1, 1, 3, 3, 4, 4]
     assert int(inverse_cdf(2 * probs, torch.tensor([0.5]))[0]) == 3  # unnormalised rows
+    with pytest.raises(ValueError, match="not finite"):
+        inverse_cdf(torch.tensor([[0.5, float("nan")]]), torch.tensor([0.3]))
     n = 200_000
     rows = probs.expand(n, -1)
     picks = inverse_cdf(rows, torch.rand(n, generator=torch.Generator().manual_seed(0)))

@@ -17,8 +17,9 @@ the trainer needs comes out exact:
 - Randomness comes only from `generator` (a `torch.Generator` on the model's device), so a run
   seeded or restored with `generator.set_state` reproduces its samples exactly. A token is
   drawn by inverse CDF (`inverse_cdf`): one uniform number per row, located in the row's
-  cumulative probabilities. `torch.multinomial` draws an exponential per vocabulary entry,
-  which took a fifth of small-model decoding time on CPU.
+  cumulative probabilities. `torch.multinomial` draws an exponential per vocabulary entry:
+  with it a decode step was no faster than transformers' `generate`, with this 1.3x faster
+  (`python benchmarks/sampling.py`; the sampler before commit c8de463 for the former).
 
 Simplified on purpose: one batch at a time (the caller chunks), finished rows keep decoding pad
 tokens until the whole batch is done, no repetition penalty / min-p / beam search, and models
@@ -129,8 +130,11 @@ def next_tokens(
 def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
     """(B,) indices drawn from the rows of (B, V) `probs` (non-negative, any positive total)
     given one uniform number in [0, 1) per row: the first index whose cumulative mass exceeds
-    u x the row's total. An index of zero probability is never drawn."""
+    u x the row's total. An index of zero probability is never drawn. Rows that are not
+    finite (NaN or inf logits upstream) raise instead of drawing an arbitrary index."""
     cdf = probs.float().cumsum(-1)
+    if not bool(torch.isfinite(cdf[:, -1]).all()):
+        raise ValueError("sampling probabilities are not finite: the model produced NaN/inf logits")
     target = uniforms.to(cdf)[:, None] * cdf[:, -1:]
     picks = torch.searchsorted(cdf, target, right=True)[:, 0]
     return picks.clamp_(max=probs.shape[-1] - 1)
