@@ -5,6 +5,8 @@ base prepared with `prepare_model_for_kbit_training`), `lokr`, `loha`, `ia3`, `p
 `prompt` and `trainable_tokens`. Our own, without peft: `full` (everything), `top_layers`
 (the last `cfg.top_layers` decoder blocks plus the final norm) and `bitfit` (bias terms only).
 `cfg.lora.*` feeds the LoRA family; `cfg.adapter_args` is passed verbatim to the peft config.
+Plain LoRA layers, RMSNorm and rotary embeddings then compute through `fused` (same
+arithmetic, fewer passes).
 
 Choices made on purpose:
 - `lora.target_modules: [all-linear]` is passed to peft as its `"all-linear"` shorthand
@@ -54,6 +56,7 @@ from torch import nn
 
 from posttrain.config import ADAPTERS
 from posttrain.errors import UserError
+from posttrain.modeling.fused import fuse
 
 LORA_FAMILY = ("lora", "rslora", "dora", "qlora")
 NO_PEFT = ("full", "top_layers", "bitfit")
@@ -63,8 +66,16 @@ DEFAULT_VIRTUAL_TOKENS = 16
 def apply_adapter(model: nn.Module, cfg: Any, tokenizer, task_type: str = "CAUSAL_LM") -> nn.Module:
     """Make only what `cfg.adapter` trains require grad; peft adapters return a PeftModel.
 
-    `task_type="SEQ_CLS"` (reward models) makes peft train and save the score head too.
+    `task_type="SEQ_CLS"` (reward models) makes peft train and save the score head too. The
+    result computes through `fused` where that is exact (LoRA layers, RMSNorm, rotary).
     """
+    model = attach_adapter(model, cfg, tokenizer, task_type)
+    fuse(model)
+    return model
+
+
+def attach_adapter(model: nn.Module, cfg: Any, tokenizer, task_type: str) -> nn.Module:
+    """`apply_adapter` without the fusing."""
     kind = cfg.adapter
     if kind not in ADAPTERS:
         raise UserError(f"adapter must be one of {', '.join(ADAPTERS)}, got {kind!r}")
