@@ -21,6 +21,7 @@ from posttrain.train.ppo import (
     make_reference,
     plan_rollouts,
     ppo,
+    save_policy_and_value,
 )
 from tests.online_common import metrics, online_config, reward_fn, write_prompts
 from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
@@ -104,7 +105,7 @@ def test_resume_is_bit_exact(tiny_dir, tmp_path):
     out = tmp_path / "run"
     cfg = config(tiny_dir, data, out, adapter="full", lr=1e-3, max_steps=6, save_every=3,
                  batch_size=1, grad_accum=2, top_k=50, top_p=0.95, temperature=0.9,
-                 target_kl=0.1, kl_horizon=10)  # fmt: skip
+                 target_kl=0.1, kl_horizon=10, value_lr_mult=3.0)  # fmt: skip
     ppo(cfg)
     straight = {name: load_file(out / "final" / name)
                 for name in ("model.safetensors", "value_head.safetensors")}  # fmt: skip
@@ -123,6 +124,35 @@ def test_resume_is_bit_exact(tiny_dir, tmp_path):
     for a, b in zip(straight_metrics, again):  # steps 4-6 re-run: same samples, same losses
         assert [a.get(k) for k in keys] == [b.get(k) for k in keys]
     assert again[4]["kl_coef"] < again[0]["kl_coef"]  # KL ~ 0 < target: the controller lowered beta
+
+
+def test_value_lr_mult_is_a_learning_rate_multiplier(tmp_path):
+    """V = m x head with the head's gradients divided by m: one AdamW step at lr moves V as a
+    plain head's step at m x lr does, the gradients (so clipping) are the plain head's, and the
+    saved head is the effective one."""
+    tok = tiny_tokenizer("chatml")
+    torch.manual_seed(0)
+    policy = tiny_model("llama", vocab_size=len(tok))
+    scaled, plain = PolicyWithValueHead(policy, lr_mult=8.0), PolicyWithValueHead(policy)
+    with torch.no_grad():
+        for a, b in zip(scaled.value_head.parameters(), plain.value_head.parameters()):
+            b.copy_(torch.randn_like(b))
+            a.copy_(b / 8.0)  # the same value function
+    rows, target = torch.randn(5, 64), torch.randn(5)
+    assert torch.allclose(scaled.values(rows), plain.values(rows), atol=1e-6)
+    opts = [torch.optim.AdamW(m.value_head.parameters(), lr=lr, weight_decay=0.0)
+            for m, lr in ((scaled, 1e-3), (plain, 8e-3))]  # fmt: skip
+    for model in (scaled, plain):
+        ((model.values(rows) - target) ** 2).mean().backward()
+    for a, b in zip(scaled.value_head.parameters(), plain.value_head.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    for opt in opts:
+        opt.step()
+    assert torch.allclose(scaled.values(rows), plain.values(rows), atol=1e-5)
+    save_policy_and_value(scaled, tok, tmp_path)
+    saved = load_file(tmp_path / "value_head.safetensors")
+    assert torch.allclose(saved["weight"], plain.value_head.weight.detach(), atol=1e-6)
+    assert torch.allclose(saved["bias"], plain.value_head.bias.detach(), atol=1e-6)
 
 
 def test_kl_in_the_loss_runs(tiny_dir, tmp_path):
@@ -209,6 +239,8 @@ def test_config_errors_name_the_key(tiny_dir, tmp_path, monkeypatch, capsys):
     assert "kl_estimator must be one of k1, k2, k3, got 'k4'" in capsys.readouterr().err
     assert cli(monkeypatch, [*base, "kl_placement=advantage"]) == 2
     assert "kl_placement must be one of reward, loss" in capsys.readouterr().err
+    assert cli(monkeypatch, [*base, "value_lr_mult=0"]) == 2
+    assert "value_lr_mult must be > 0, got 0" in capsys.readouterr().err
     assert cli(monkeypatch, [*base, "lam=1.5"]) == 2
     assert "lam must be in [0, 1]" in capsys.readouterr().err
     assert cli(monkeypatch, [*base, "batch_size=8"]) == 2  # 4 prompts, 8 per rollout batch
