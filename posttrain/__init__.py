@@ -3,7 +3,15 @@
 The Python API mirrors the CLI: `posttrain.sft(cfg)` takes the command's dataclass or a dict.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# transformers (5.2x) loads models with `use_kernels=True` by default: layers it knows get
+# "hub kernels", code fetched from the Hugging Face Hub at load time, and every train()/eval()
+# switch re-runs the kernelizing (9 ms per switch on the tiny world's model, twice per RL step).
+# Code from the Hub runs only when asked (as with trust_remote_code): USE_HUB_KERNELS=YES does.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 
 def sft(cfg):

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
-from posttrain.modeling.fused import FusedLoraLinear, fuse, fuse_lora, rotate
+from posttrain.modeling.fused import FusedLoraLinear, fuse, fuse_lora, merged_lora, rotate
 from tests.tiny import tiny_model
 
 
@@ -96,6 +96,32 @@ class layer_disabled:
 
     def __exit__(self, *exc):
         self.layer.enable_adapters(True)
+
+
+def test_merged_lora_equals_peft_without_grad_only():
+    x = torch.randn(3, 5, 24)
+    peft_layer = lora_block(True).base_model.model.proj
+    model = lora_block(True)
+    fuse_lora(model)
+    layer = model.base_model.model.proj
+    weight = layer.base_layer.weight.clone()
+    with merged_lora(model) as merged:
+        assert merged == 1
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), peft_layer(x), rtol=0, atol=1e-5)
+            with layer_disabled(layer):  # the reference model: the base alone, not W + s B A
+                torch.testing.assert_close(layer(x), layer.base_layer(x))
+            layer.merged_for = (layer.merged_for[0], torch.zeros_like(weight))  # a wrong copy
+            bias_only = layer.base_layer.bias.expand(3, 5, 40)
+            torch.testing.assert_close(layer(x), bias_only)  # the merged copy is what computes
+            assert layer.merged_still_applies(x, (), {})
+            assert not layer.merged_still_applies(x.double(), (), {})
+            assert not layer.merged_still_applies(x, (), {"adapter_names": ["default"] * 3})
+        y, grads = forward_backward(model, x)  # with grad: the autograd path, not the copy
+        torch.testing.assert_close(y, peft_layer(x).detach(), rtol=0, atol=1e-5)
+        assert grads["x"] is not None
+    assert layer.merged_for is None
+    assert torch.equal(layer.base_layer.weight, weight)  # never written into the base
 
 
 def test_fuses_only_plain_linear_bases():

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,6 +97,19 @@ def test_load_model_defaults(folder):
     assert model.config._attn_implementation == "sdpa"
     assert model.config.use_cache is False
     assert not model.is_activation_checkpointing
+
+
+def test_hub_kernels_run_only_when_asked(folder):
+    script = (
+        "import sys, posttrain; from transformers import AutoModelForCausalLM;"
+        "print(AutoModelForCausalLM.from_pretrained(sys.argv[1]).use_kernels)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+    for asked, want in ((None, "False"), ("YES", "True")):
+        extra = {} if asked is None else {"USE_HUB_KERNELS": asked}
+        out = subprocess.run([sys.executable, "-c", script, str(folder)], env={**env, **extra},
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        assert out.stdout.split()[-1] == want
 
 
 def test_explicit_dtype_is_honoured(folder):

@@ -178,3 +178,73 @@ def test_the_cache_goes_by_the_keyword_the_model_takes(model, tok):
         warnings.simplefilter("always")
         run(model, tok, temperature=0, max_new_tokens=3)
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_repeated_prompts_prefill_once_and_sample_as_if_apart(model, tok):
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[0]]
+    calls = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        greedy = run(model, tok, prompts, temperature=0)
+    finally:
+        hook.remove()
+    assert calls[0][0] == 2 and all(shape[0] == 5 for shape in calls[1:])
+    apart = run(model, tok, PROMPTS[:2], temperature=0)
+    for row, source in enumerate([1, 0, 1, 1, 0]):
+        assert torch.equal(greedy.completion_ids[row], apart.completion_ids[source])
+    gen = torch.Generator().manual_seed(0)
+    sampled = run(model, tok, prompts, temperature=1.0, generator=gen)
+    m = sampled.completion_mask.bool()
+    want = full_sequence_logprobs(model, sampled, 1.0)
+    assert torch.allclose(sampled.logprobs[m], want[m], atol=1e-5)
+    assert len({tuple(r) for r in sampled.completion_ids[[0, 2, 3]].tolist()}) > 1
+
+
+def test_fused_lora_policy_samples_what_training_recomputes(tok):
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.modeling.fused import fuse
+
+    torch.manual_seed(0)
+    policy = get_peft_model(
+        tiny_model("llama", vocab_size=len(tok)), LoraConfig(r=4, target_modules="all-linear")
+    )
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    assert fuse(policy)["lora"] > 0
+    gen = torch.Generator().manual_seed(0)
+    r = run(policy, tok, [PROMPTS[0]] * 3 + PROMPTS[1:], temperature=0.8, generator=gen)
+    policy.train()  # the trainer's forward: with grad, through the fused autograd functions
+    ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+    mask = torch.cat([r.prompt_mask, r.completion_mask], 1)
+    logits = policy(input_ids=ids, attention_mask=mask,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits  # fmt: skip
+    P = r.prompt_ids.shape[1]
+    logp = torch.log_softmax(logits[:, P - 1 : -1].float() / 0.8, -1)
+    want = logp.gather(-1, r.completion_ids[..., None])[..., 0].detach()
+    m = r.completion_mask.bool()
+    assert torch.allclose(r.logprobs[m], want[m], atol=1e-5)
+
+
+def test_preallocated_layer_attends_to_what_cat_would():
+    from transformers.cache_utils import DynamicLayer
+
+    from posttrain.rollout.cache import PreallocatedLayer, preallocated_cache
+
+    ours, theirs = PreallocatedLayer(capacity=7), DynamicLayer()
+    chunks = [torch.randn(3, 2, n, 4) for n in (4, 1, 1)]
+    for chunk in chunks:
+        got, want = ours.update(chunk, -chunk), theirs.update(chunk, -chunk)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert ours.get_seq_length() == 6
+    ours.batch_select_indices(torch.tensor([2, 2, 0]))
+    theirs.batch_select_indices(torch.tensor([2, 2, 0]))
+    step = torch.randn(3, 2, 1, 4)
+    assert torch.equal(ours.update(step, step)[0], theirs.update(step, step)[0])
+    with pytest.raises(RuntimeError, match="holds 7 positions"):
+        ours.update(step, step)
+    cache = preallocated_cache(tiny_model("llama").config, capacity=5)
+    assert all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
@@ -75,7 +77,11 @@ class LoraLinear(torch.autograd.Function):
 class FusedLoraLinear(PeftLoraLinear):
     """peft's `lora.Linear` whose forward takes `LoraLinear` whenever that is exact."""
 
+    merged_for: tuple[str, torch.Tensor] | None = None  # (adapter, W + s B A) inside merged_lora
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.merged_for is not None and self.merged_still_applies(x, args, kwargs):
+            return nn.functional.linear(x, self.merged_for[1], self.base_layer.bias)
         adapter = self.plain_adapter(x, args, kwargs)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
@@ -106,6 +112,48 @@ class FusedLoraLinear(PeftLoraLinear):
             return None
         tensors = [x, *frozen, self.lora_A[adapter].weight, self.lora_B[adapter].weight]
         return adapter if len({t.dtype for t in tensors}) == 1 else None
+
+    def merged_still_applies(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        """Inside `merged_lora`: what `plain_adapter` checks that a call or the caller can change
+        (`merged_weight` checked the rest on entry; the full check costs as much as the matmul)."""
+        adapter, weight = self.merged_for
+        if args or kwargs or torch.is_grad_enabled() or self.disable_adapters or self.merged:
+            return False
+        return (
+            self.active_adapters == [adapter]
+            and x.dtype == weight.dtype
+            and (not torch.is_autocast_enabled(x.device.type))
+        )
+
+    def merged_weight(self) -> tuple[str, torch.Tensor] | None:
+        """(adapter, W + s B A) for the one plain active adapter of a CPU layer, else None."""
+        weight = self.base_layer.weight
+        adapter = self.plain_adapter(weight, (), {})
+        if adapter is None or weight.device.type != "cpu":
+            return None
+        with torch.no_grad():
+            lora_b, lora_a = self.lora_B[adapter].weight, self.lora_A[adapter].weight
+            return adapter, torch.addmm(weight, lora_b, lora_a, alpha=self.scaling[adapter])
+
+
+@contextmanager
+def merged_lora(model: nn.Module) -> Iterator[int]:
+    """Within the block, no-grad forwards of fused LoRA layers on the CPU use W + s B A.
+
+    For sampling: a decode step's matmuls are small, so on a CPU the two extra LoRA matmuls and
+    their dispatch cost about as much as the base one. The merged copies are made on entry (one
+    (out, r) x (r, in) product per layer), freed on exit, and never written into the base
+    weights (which stay exact for the reference model and for checkpoints); they cost one more
+    copy of the adapted weights meanwhile, which is why CUDA layers are left out. Yields the
+    number of layers merged."""
+    layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
+    try:
+        for layer in layers:
+            layer.merged_for = layer.merged_weight()
+        yield sum(layer.merged_for is not None for layer in layers)
+    finally:
+        for layer in layers:
+            layer.merged_for = None
 
 
 def fuse_lora(model: nn.Module) -> int:
@@ -200,6 +248,8 @@ def fused_rotary(original):
     @functools.wraps(original)
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **kwargs):
         dim = q.shape[-1]
+        if not torch.is_grad_enabled():  # sampling: the autograd node would cost more than it saves
+            return original(q, k, cos, sin, unsqueeze_dim, **kwargs)
         if kwargs or cos.requires_grad or sin.requires_grad or cos.shape[-1] != dim or dim % 2:
             return original(q, k, cos, sin, unsqueeze_dim, **kwargs)
         if not (q.dtype == k.dtype == cos.dtype == sin.dtype):

@@ -1,8 +1,8 @@
 """Batched sampling with a KV cache for online RL: completions, their sampling log-probs, masks.
 
 `sample(model, prompt_ids, ...)` left-pads the prompts, runs one prefill forward and then one
-forward per new token with a `DynamicCache`, in a plain loop we control, so that every number
-the trainer needs comes out exact:
+forward per new token with a KV cache, in a plain loop we control, so that every number the
+trainer needs comes out exact:
 
 - `logprobs[b, t]` = log softmax(logits / temperature)[token]: the log-prob of the chosen token
   under the temperature-scaled distribution **before** top-k / top-p truncation, i.e. exactly
@@ -21,6 +21,16 @@ the trainer needs comes out exact:
   with it a decode step was no faster than transformers' `generate`, with this 1.3x faster
   (`python benchmarks/sampling.py`; the sampler before commit c8de463 for the former).
 
+What makes it fast (`python benchmarks/grpo.py` measures it against TRL):
+- the prefill runs each distinct prompt once and copies its cache rows to the repeats (GRPO's
+  G completions per prompt);
+- the KV cache is allocated once for prompt + `max_new_tokens` and written in place
+  (`rollout/cache.py`), instead of `DynamicCache`'s `cat` per token, which copies the cache;
+- LoRA layers decode with the merged weight W + s B A (`modeling/fused.merged_lora`, CPU only),
+  one matmul per layer instead of three. The log-probs still match the trainer's recomputation
+  (which takes the unmerged path) to float rounding, not bit for bit; the base weights are
+  never touched.
+
 Simplified on purpose: one batch at a time (the caller chunks), finished rows keep decoding pad
 tokens until the whole batch is done, no repetition penalty / min-p / beam search, and models
 that need more than `input_ids` / `attention_mask` / `position_ids` (peft prefix or prompt
@@ -36,9 +46,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 
 from posttrain.evaluate.generate import Prompt, cache_keyword, device_of, render
+from posttrain.modeling.fused import merged_lora
+from posttrain.rollout.cache import preallocated_cache
 
 
 @dataclass
@@ -181,19 +192,13 @@ def sample(
     ended = torch.zeros_like(done)
     tokens_out, logps_out, alive_out = [], [], []
     texts: list[list[int]] = [[] for _ in range(B)]
-    cache, keyword = DynamicCache(config=model.config), cache_keyword(model)
-    with eval_no_grad(model):
-        step_ids, step_positions = ids, positions
+    cache = preallocated_cache(model.config, ids.shape[1] + max_new_tokens)
+    kwargs = {cache_keyword(model): cache, "use_cache": True, "logits_to_keep": 1}
+    with eval_no_grad(model), merged_lora(model):
+        logits = prefill(model, cache, kwargs, ids, mask, positions)
+        step_positions = positions[:, -1:]
         for _ in range(max_new_tokens):
-            out = model(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=step_positions,
-                **{keyword: cache},
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            token, logp = next_tokens(out.logits[:, -1], temperature, top_k, top_p, generator)
+            token, logp = next_tokens(logits, temperature, top_k, top_p, generator)
             alive = ~done
             token = torch.where(alive, token, torch.full_like(token, pad_token_id))
             tokens_out.append(token)
@@ -204,10 +209,13 @@ def sample(
                 stopped |= stop_string_rows(tokenizer, texts, token, alive, stop_strings)
             ended |= stopped
             done |= stopped
-            if bool(done.all()):
+            if bool(done.all()) or len(tokens_out) == max_new_tokens:
                 break
-            step_ids, step_positions = token[:, None], step_positions[:, -1:] + 1
+            step_positions = step_positions + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(input_ids=token[:, None], attention_mask=mask,
+                        position_ids=step_positions, **kwargs)  # fmt: skip
+            logits = out.logits[:, -1]
     completion_mask = torch.stack(alive_out, 1).long()
     return Rollout(
         prompt_ids=prompt_ids,
@@ -217,6 +225,25 @@ def sample(
         logprobs=torch.stack(logps_out, 1).float().cpu(),
         ended=ended.cpu(),
     )
+
+
+def prefill(model, cache, kwargs: dict, ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
+    """Last-position logits (B, V) of the left-padded prompts, with their keys and values in
+    `cache`. Each distinct prompt runs once and its cache rows are copied to its repeats (GRPO
+    and RLOO sample G completions of every prompt, so this is G times less prefill)."""
+    first: dict[tuple, int] = {}  # prompt -> its index among the distinct ones
+    distinct: list[int] = []  # the row of each distinct prompt's first occurrence
+    for row, prompt in enumerate(ids.tolist()):
+        if first.setdefault(tuple(prompt), len(distinct)) == len(distinct):
+            distinct.append(row)
+    keep = torch.tensor(distinct, device=ids.device)
+    out = model(input_ids=ids[keep], attention_mask=mask[keep],
+                position_ids=positions[keep], **kwargs)  # fmt: skip
+    if len(distinct) == ids.shape[0]:
+        return out.logits[:, -1]
+    repeat = torch.tensor([first[tuple(prompt)] for prompt in ids.tolist()], device=ids.device)
+    cache.batch_select_indices(repeat)
+    return out.logits[repeat, -1]
 
 
 def stop_string_rows(

@@ -1,0 +1,74 @@
+"""A KV cache for the sampler that is allocated once and written in place.
+
+transformers' `DynamicCache` grows every layer's keys and values with `torch.cat` at each new
+token, which copies the whole cache per token per layer: 13% of a decode step's CPU time on the
+GRPO benchmark's shape. `preallocated_cache(model, capacity)` is a `DynamicCache` whose
+full-attention layers are `PreallocatedLayer`s instead: the first `update` allocates
+(batch, heads, capacity, head_dim) buffers, each later one copies the new positions into
+them, and the attention sees a view of the filled part, so the values attended to are the
+same as with `cat`. Sliding-window and other special layers keep their own classes.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention cache layer holding up to `capacity` positions in fixed buffers."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.filled = 0
+        self.key_buffer: Tensor | None = None
+        self.value_buffer: Tensor | None = None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        batch, heads, _, _ = key_states.shape
+        self.device = key_states.device
+        self.key_buffer = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
+        self.value_buffer = value_states.new_empty(
+            batch, heads, self.capacity, value_states.shape[-1]
+        )
+        self.filled = 0
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        """Write the new positions after the filled ones; the filled views, like `cat` returns."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.filled + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache holds {self.capacity} positions, {end} were asked for")
+        self.key_buffer[:, :, self.filled : end] = key_states
+        self.value_buffer[:, :, self.filled : end] = value_states
+        self.filled = end
+        self.keys = self.key_buffer[:, :, :end]
+        self.values = self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Keep (or repeat) the rows `indices` of the batch, in that order."""
+        if self.is_initialized:
+            self.key_buffer = self.key_buffer[indices]
+            self.value_buffer = self.value_buffer[indices]
+            self.keys = self.key_buffer[:, :, : self.filled]
+            self.values = self.value_buffer[:, :, : self.filled]
+
+    def reset(self) -> None:
+        self.key_buffer = self.value_buffer = None
+        self.filled = 0
+        super().reset()
+
+
+def preallocated_cache(config, capacity: int) -> DynamicCache:
+    """`DynamicCache(config=config)` with each plain full-attention layer preallocated."""
+    cache = DynamicCache(config=config)
+    cache.layers = [
+        PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
+        for layer in cache.layers
+    ]
+    return cache
