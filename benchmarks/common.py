@@ -444,7 +444,8 @@ def run_worker(
     wrote."""
     result = Path(args[args.index("--spec") + 1]).with_suffix(".result.json")
     result.unlink(missing_ok=True)
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0", **(env or {}))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0",
+               USE_HUB_KERNELS="NO", **(env or {}))  # fmt: skip
     cmd = [python, str(script), *args, "--result", str(result)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0 or not result.exists():

@@ -5,7 +5,8 @@
     python benchmarks/sampling.py --quick   # 2 rounds, writes nothing
 
 Same model, prompts and work on both sides: the tiny world's base (`posttrain/world/base`,
-1.1M-parameter Llama, fp32, sdpa) with a fresh LoRA (r 16, every linear layer), 32 chat prompts
+1.1M-parameter Llama, fp32, sdpa) with a fresh LoRA (r 16, every linear layer; posttrain's copy
+fused as its trainers have it, `generate`'s the plain peft model TRL has), 32 chat prompts
 of tiny-world arithmetic, temperature 1, no top-k/top-p, and exactly `--tokens` new tokens per
 row (no EOS stop: posttrain with no EOS ids, `generate` with `min_new_tokens`), so both decode
 the same number of steps. Each round runs both, alternating which goes first; the cell is the
@@ -29,11 +30,16 @@ SECTION = "Sampling: posttrain rollout sampler vs transformers generate (CPU)"
 
 
 def setup(rows: int):
-    """(LoRA-wrapped tiny-world base in eval mode, tokenizer, prompt id lists)."""
+    """(posttrain's model, TRL's model, tokenizer, prompt id lists): the tiny-world base with the
+    same LoRA, in eval mode; posttrain's is fused the way its trainers load it (`apply_adapter`
+    calls `fuse`), TRL's is the plain peft model."""
+    import copy
+
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from posttrain.modeling.fused import fuse
     from posttrain.rollout import encode_prompts
 
     torch.manual_seed(0)
@@ -42,8 +48,10 @@ def setup(rows: int):
         BASE, dtype=torch.float32, attn_implementation="sdpa"
     )
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    fused = copy.deepcopy(model)
+    fuse(fused)
     asks = [[{"role": "user", "content": f"What is {i} + {i + 3}?"}] for i in range(rows)]
-    return model.eval(), tok, encode_prompts(tok, asks)
+    return fused.eval(), model.eval(), tok, encode_prompts(tok, asks)
 
 
 def ours(model, tok, prompts, tokens: int, seed: int) -> int:
@@ -72,14 +80,15 @@ def theirs(model, tok, prompts, tokens: int, seed: int) -> int:
 
 def measure(rounds: int, rows: int, tokens: int) -> dict[str, list[float]]:
     """Seconds per decode step for each side, one value per round."""
-    model, tok, prompts = setup(rows)
+    fused, plain, tok, prompts = setup(rows)
     sides = {"posttrain": ours, "generate": theirs}
+    models = {"posttrain": fused, "generate": plain}
     times: dict[str, list[float]] = {name: [] for name in sides}
     for i in range(rounds + 1):  # round 0 warms up
         order = list(sides) if i % 2 else list(reversed(sides))
         for name in order:
             start = time.perf_counter()
-            steps = sides[name](model, tok, prompts, tokens, i)
+            steps = sides[name](models[name], tok, prompts, tokens, i)
             if i:
                 times[name].append((time.perf_counter() - start) / steps)
     return times
@@ -96,7 +105,8 @@ def report(times: dict[str, list[float]], rows: int, tokens: int, command: str) 
     return (
         f"Command: `{command}`.\n\nMachine: {common.machine()}; "
         f"{common.versions('torch', 'transformers', 'peft')}.\n\n"
-        f"{rows} rows x {tokens} new tokens per call, tiny-world base + LoRA r 16, temperature 1; "
+        f"{rows} rows x {tokens} new tokens per call, tiny-world base + LoRA r 16 (fused for "
+        "posttrain, plain peft for `generate`), temperature 1, hub kernels off; "
         f"median over {len(times['posttrain'])} alternating rounds (min-max).\n\n{table}\n"
     )
 

@@ -446,7 +446,8 @@ def report_header(results: dict, shared: dict, command: str, elapsed: float) -> 
     return f"""Command: `{command}` ({elapsed / 60:.0f} min in all, on a shared machine).
 
 Machine: {common.machine()}; {common.versions("torch", "transformers", "peft", "trl")};
-{"/".join(map(str, threads))} torch threads, OMP_WAIT_POLICY={policy}, fp32, sdpa attention.
+{"/".join(map(str, threads))} torch threads, OMP_WAIT_POLICY={policy}, fp32, sdpa attention,
+USE_HUB_KERNELS=NO on both sides (transformers' hub kernels off, as posttrain sets by default).
 Load average at the start of the runs: {min(loads):.1f} to {max(loads):.1f} (2.0 = both
 cores busy)."""
 
