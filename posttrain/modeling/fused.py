@@ -27,6 +27,11 @@ a small model. Each one steps aside (calls the original) for inputs it does not 
   The modeling module's `apply_rotary_pos_emb` is replaced process-wide, so other models of
   those families loaded later use it too (same values to rounding).
 
+- **Sampling** (`merged_lora(model)`, entered by the rollout sampler): inside the block, no-grad
+  forwards of those LoRA layers on the CPU take one matmul with W + s B A, made on entry and
+  freed on exit, instead of three. The rotary stand-in steps aside whenever grad is off (its
+  autograd node costs more than it saves there).
+
 Saved models and adapters are unchanged: only the compute differs. `fuse` is called on
 models loaded for training (`train/run.py`).
 """

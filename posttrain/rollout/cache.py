@@ -2,7 +2,7 @@
 
 transformers' `DynamicCache` grows every layer's keys and values with `torch.cat` at each new
 token, which copies the whole cache per token per layer: 13% of a decode step's CPU time on the
-GRPO benchmark's shape. `preallocated_cache(model, capacity)` is a `DynamicCache` whose
+GRPO benchmark's shape. `preallocated_cache(config, capacity)` is a `DynamicCache` whose
 full-attention layers are `PreallocatedLayer`s instead: the first `update` allocates
 (batch, heads, capacity, head_dim) buffers, each later one copies the new positions into
 them, and the attention sees a view of the filled part, so the values attended to are the
