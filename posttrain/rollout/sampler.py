@@ -18,8 +18,8 @@ trainer needs comes out exact:
   seeded or restored with `generator.set_state` reproduces its samples exactly. A token is
   drawn by inverse CDF (`inverse_cdf`): one uniform number per row, located in the row's
   cumulative probabilities. `torch.multinomial` draws an exponential per vocabulary entry:
-  with it a decode step was no faster than transformers' `generate`, with this 1.3x faster
-  (`python benchmarks/sampling.py`; the sampler before commit c8de463 for the former).
+  when this was introduced (commit c8de463), a decode step with it was no faster than
+  transformers' `generate`, and with inverse CDF it was 1.3x faster (`python benchmarks/sampling.py`).
 
 What makes it fast (`python benchmarks/grpo.py` measures it against TRL):
 - the prefill runs each distinct prompt once and copies its cache rows to the repeats (GRPO's
