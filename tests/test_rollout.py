@@ -248,3 +248,21 @@ def test_preallocated_layer_attends_to_what_cat_would():
         ours.update(step, step)
     cache = preallocated_cache(tiny_model("llama").config, capacity=5)
     assert all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
+
+
+def test_sliding_window_layers_keep_their_cache_and_match_generate(tok):
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.rollout.cache import preallocated_cache
+    from tests.tiny import tiny_config
+
+    config = tiny_config("mistral", len(tok))
+    config.sliding_window = 4  # shorter than every prompt: the window is what attends
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+    layers = preallocated_cache(config, 8).layers
+    assert {type(layer).__name__ for layer in layers} == {"DynamicSlidingWindowLayer"}
+    prompts = [PROMPTS[2], PROMPTS[0], PROMPTS[2]]
+    ours = run(model, tok, prompts, temperature=0, eos_token_ids=stop_token_ids(tok))
+    hf = generate_ids(model, tok, prompts, max_new_tokens=12, chat=False)
+    assert real(ours.completion_ids, ours.completion_mask) == [new for _, new in hf]
