@@ -22,7 +22,6 @@ class PreallocatedLayer(DynamicLayer):
     def __init__(self, capacity: int):
         super().__init__()
         self.capacity = capacity
-        self.filled = 0
         self.key_buffer: Tensor | None = None
         self.value_buffer: Tensor | None = None
 
@@ -33,19 +32,19 @@ class PreallocatedLayer(DynamicLayer):
         self.value_buffer = value_states.new_empty(
             batch, heads, self.capacity, value_states.shape[-1]
         )
-        self.filled = 0
+        self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
         """Write the new positions after the filled ones; the filled views, like `cat` returns."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self.filled + key_states.shape[-2]
+        start = self.keys.shape[-2]  # the filled positions
+        end = start + key_states.shape[-2]
         if end > self.capacity:
             raise RuntimeError(f"KV cache holds {self.capacity} positions, {end} were asked for")
-        self.key_buffer[:, :, self.filled : end] = key_states
-        self.value_buffer[:, :, self.filled : end] = value_states
-        self.filled = end
+        self.key_buffer[:, :, start:end] = key_states
+        self.value_buffer[:, :, start:end] = value_states
         self.keys = self.key_buffer[:, :, :end]
         self.values = self.value_buffer[:, :, :end]
         return self.keys, self.values
@@ -53,14 +52,14 @@ class PreallocatedLayer(DynamicLayer):
     def batch_select_indices(self, indices: Tensor) -> None:
         """Keep (or repeat) the rows `indices` of the batch, in that order."""
         if self.is_initialized:
+            filled = self.keys.shape[-2]
             self.key_buffer = self.key_buffer[indices]
             self.value_buffer = self.value_buffer[indices]
-            self.keys = self.key_buffer[:, :, : self.filled]
-            self.values = self.value_buffer[:, :, : self.filled]
+            self.keys = self.key_buffer[:, :, :filled]
+            self.values = self.value_buffer[:, :, :filled]
 
     def reset(self) -> None:
         self.key_buffer = self.value_buffer = None
-        self.filled = 0
         super().reset()
 
 

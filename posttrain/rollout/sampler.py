@@ -233,17 +233,20 @@ def prefill(model, cache, kwargs: dict, ids: Tensor, mask: Tensor, positions: Te
     and RLOO sample G completions of every prompt, so this is G times less prefill)."""
     first: dict[tuple, int] = {}  # prompt -> its index among the distinct ones
     distinct: list[int] = []  # the row of each distinct prompt's first occurrence
+    repeat: list[int] = []  # each row's distinct prompt
     for row, prompt in enumerate(ids.tolist()):
-        if first.setdefault(tuple(prompt), len(distinct)) == len(distinct):
+        index = first.setdefault(tuple(prompt), len(distinct))
+        if index == len(distinct):
             distinct.append(row)
+        repeat.append(index)
     keep = torch.tensor(distinct, device=ids.device)
     out = model(input_ids=ids[keep], attention_mask=mask[keep],
                 position_ids=positions[keep], **kwargs)  # fmt: skip
-    if len(distinct) == ids.shape[0]:
+    if len(distinct) == len(repeat):
         return out.logits[:, -1]
-    repeat = torch.tensor([first[tuple(prompt)] for prompt in ids.tolist()], device=ids.device)
-    cache.batch_select_indices(repeat)
-    return out.logits[repeat, -1]
+    rows = torch.tensor(repeat, device=ids.device)
+    cache.batch_select_indices(rows)
+    return out.logits[rows, -1]
 
 
 def stop_string_rows(

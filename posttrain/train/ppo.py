@@ -21,7 +21,9 @@ critic (InstructGPT initialises one from the reward model)? With an adapter, one
 memory then serves the policy, the value function and the reference (adapter disabled), and one
 forward gives log-probs and values; a second full model would double memory and forwards. The
 cost is that value and policy gradients share features (`vf_coef` balances them), as in TRL's
-old `AutoModelForCausalLMWithValueHead`. A zero-initialised head at the policy's learning rate
+old `AutoModelForCausalLMWithValueHead`. With a reward model whose scores span tens or hundreds
+(e.g. a log-likelihood readout on replies its base finds unlikely), the value loss can dominate
+and wreck the shared adapter: lower `vf_coef` or rescale the rewards. A zero-initialised head at the policy's learning rate
 learns slowly (explained variance under 0.1 after 300 steps in the tiny world, so the advantages
 carry the rewards' whole spread across prompts), hence `value_lr_mult`: the head's own
 learning rate (the separate critic learning rate of OpenRLHF and verl; the loop has one AdamW,
