@@ -91,7 +91,7 @@ def test_reward_rises_on_a_trivial_reward(tiny_dir, tmp_path):
     data = write_prompts(tmp_path / "p.jsonl", varied=True, n=32)
     out = tmp_path / "run"
     ppo(config(tiny_dir, data, out, adapter="full", lr=1e-2, batch_size=8, num_minibatches=1,
-               ppo_epochs=2, max_steps=20, schedule="constant", beta=0.01,
+               ppo_epochs=2, max_steps=30, schedule="constant", beta=0.01,
                target_kl=0))  # fmt: skip
     rewards = [r["reward_mean"] for r in metrics(out)][::2]  # one rollout batch per 2 steps
     assert sum(rewards[-3:]) / 3 > 2 * sum(rewards[:3]) / 3, rewards
@@ -267,6 +267,51 @@ def test_plan_reshuffles_each_pass_and_splits_ranks():
     used = [i for s in specs if s.ppo_epoch == 0 for i in s.prompts]
     assert len(set(used)) == 32
     assert plan_rollouts(33, cfg, 2, 0) == specs
+
+
+def prompt_length(prompts, completions, **_):
+    return [float(len(p)) for p in prompts]
+
+
+def constant(prompts, completions, **_):
+    return [3.0] * len(completions)
+
+
+def toy_rollouts(fn, **cfg) -> Rollouts:
+    tok = tiny_tokenizer("chatml")
+    torch.manual_seed(0)
+    policy = tiny_model("llama", vocab_size=len(tok))
+    prompts = ["Hi", "What is 12 plus 30? It is", "Translate cheese to French.", "Paris is"]
+    examples = [{"where": f"row {i}", "prompt": p, "columns": {},
+                 "input_ids": tok(p)["input_ids"]} for i, p in enumerate(prompts)]  # fmt: skip
+    cfg = PPOConfig(**{"batch_size": 2, "max_new_tokens": 4, **cfg})
+    sources = [type("S", (), {"name": "r", "fn": staticmethod(fn), "weight": 1.0})()]
+    return Rollouts(cfg, PolicyWithValueHead(policy), tok, examples, sources,
+                    make_reference(policy, 1.0))  # fmt: skip
+
+
+def test_reward_norm_keeps_the_first_rollouts_scaling():
+    """The first rollout batch's scores come out with mean 0 and std 1; a later batch is scaled
+    with the first one's mean and std (not its own), and the scaling is checkpointed."""
+    rollouts = toy_rollouts(prompt_length)
+    first = rollouts.collate(Spec(0, 0, 0, 0, 0, (0, 1), (0, 1)))["scores"]
+    raw = torch.tensor([2.0, 25.0], dtype=torch.float64)  # len("Hi"), len("What is ...")
+    assert torch.allclose(first.double(), (raw - raw.mean()) / raw.std())
+    later = rollouts.collate(Spec(0, 1, 0, 0, 0, (2, 3), (0, 1)))["scores"]
+    expected = (torch.tensor([27.0, 8.0], dtype=torch.float64) - raw.mean()) / raw.std()
+    assert torch.allclose(later.double(), expected)
+    state = rollouts.extra_state()["reward_scaling"]
+    assert torch.allclose(state, torch.stack([raw.mean(), raw.std()]))
+    resumed = toy_rollouts(prompt_length)
+    resumed.load_extra_state(rollouts.extra_state())
+    assert resumed.reward_scaling == rollouts.reward_scaling
+
+
+def test_reward_norm_only_shifts_a_constant_first_batch_and_can_be_off():
+    shifted = toy_rollouts(constant).collate(Spec(0, 0, 0, 0, 0, (0, 1), (0, 1)))["scores"]
+    assert torch.equal(shifted, torch.zeros_like(shifted))
+    raw = toy_rollouts(prompt_length, reward_norm=False)
+    assert raw.collate(Spec(0, 0, 0, 0, 0, (0, 1), (0, 1)))["scores"].tolist() == [2.0, 25.0]
 
 
 def test_rollout_slices_keep_the_samplers_logprobs():

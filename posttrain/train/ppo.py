@@ -14,22 +14,27 @@ is `posttrain.losses.rl`). After each rollout the adaptive KL controller (Ziegle
 Sec. 2.2) moves beta toward `target_kl`; `target_kl=0` keeps beta fixed.
 
 **The value function is a scalar head on the policy** (`PolicyWithValueHead`): one
-`nn.Linear(hidden, 1)` on the policy's final hidden states, zero-initialised (V = 0 at the
-start), trained with the policy's adapter (its gradient reaches the shared trunk, scaled by
-`vf_coef`) and saved beside the adapter as `final/value_head.safetensors`. Why not a separate
-critic (InstructGPT initialises one from the reward model)? With an adapter, one base model in
-memory then serves the policy, the value function and the reference (adapter disabled), and one
-forward gives log-probs and values; a second full model would double memory and forwards. The
-cost is that value and policy gradients share features (`vf_coef` balances them), as in TRL's
-old `AutoModelForCausalLMWithValueHead`. With a reward model whose scores span tens or hundreds
-(e.g. a log-likelihood readout on replies its base finds unlikely), the value loss can dominate
-and wreck the shared adapter: lower `vf_coef` or rescale the rewards. A zero-initialised head at the policy's learning rate
-learns slowly (explained variance under 0.1 after 300 steps in the tiny world, so the advantages
-carry the rewards' whole spread across prompts), hence `value_lr_mult`: the head's own
-learning rate (the separate critic learning rate of OpenRLHF and verl; the loop has one AdamW,
-so the head computes V = m x head(h) and divides its gradients by m: under Adam, weight decay
-aside, that is exactly a learning rate of m x lr, with the gradient norm that clipping sees
-unchanged; the saved head is the effective one).
+`nn.Linear(hidden, 1)` on the policy's final hidden states, zero-initialised (V = 0 at the start),
+trained with the policy's adapter (its gradient reaches the shared trunk, scaled by `vf_coef`) and
+saved beside the adapter as `final/value_head.safetensors`. Why not a separate critic (InstructGPT
+initialises one from the reward model)? With an adapter, one base model in memory then serves the
+policy, the value function and the reference (adapter disabled), and one forward gives log-probs
+and values; a second full model would double memory and forwards. The cost is that value and policy
+gradients share features (`vf_coef` balances them), as in TRL's old
+`AutoModelForCausalLMWithValueHead`. The shared trunk makes the reward's scale matter: with a
+reward model whose scores spread over several units (the tiny world's log-likelihood readout: std
+4.4), the value loss outweighs the policy loss tens of times and the adapter follows the critic
+instead of the reward (in the tiny world PPO then *lowered* the learned reward it optimised, -1.7
+-> -9.0 on held-out replies). Hence `reward_norm` (on by default, as in Ziegler et al. 2019): the
+scores are shifted and scaled to mean 0, std 1 on the first rollout batch, and that fixed affine
+map (part of the checkpointed state) is used for the whole run, so the objective does not move;
+beta is then per unit of that std. A zero-initialised head at the policy's learning rate learns
+slowly (explained variance under 0.1 after 300 steps in the tiny world, so the advantages carry the
+rewards' whole spread across prompts), hence `value_lr_mult`: the head's own learning rate (the
+separate critic learning rate of OpenRLHF and verl; the loop has one AdamW, so the head computes V
+= m x head(h) and divides its gradients by m: under Adam, weight decay aside, that is exactly a
+learning rate of m x lr, with the gradient norm that clipping sees unchanged; the saved head is the
+effective one).
 
 **Where the KL goes** (`kl_estimator`, `kl_placement`): the default, k1 in the reward, makes the
 returns carry the KL, which is an unbiased estimate of the gradient of the sequence-level
@@ -61,8 +66,8 @@ policy_loss, value_loss, clip_fraction, value_clip_fraction, approx_kl (old -> n
 entropy (every step); generate_s, score_s, reference_s, value_s, train_s.
 
 Simplified on purpose: one completion per prompt; the old log-probs are the sampler's (exact on
-CPU, slightly different from a training forward under bf16 on GPU); no reward whitening or
-clipping, no entropy bonus, no early stop on approx_kl; HF sampling only (no vLLM); FSDP and
+CPU, slightly different from a training forward under bf16 on GPU); no per-batch reward whitening
+or clipping, no entropy bonus, no early stop on approx_kl; HF sampling only (no vLLM); FSDP and
 prefix/prompt tuning are not supported.
 """
 
@@ -147,6 +152,8 @@ class PPOConfig(OnlineConfig):
     target_kl: float = opt(6.0, "adaptive KL controller's target, nats per completion; 0 = fixed")
     kl_horizon: int = opt(10000, "adaptive KL controller's horizon, in completions")
     value_lr_mult: float = opt(1.0, "the value head's learning rate as a multiple of lr")
+    reward_norm: bool = opt(True, "scale the rewards to mean 0, std 1 over the first rollout "
+                            "batch (Ziegler et al. 2019) and keep that scaling for the run")  # fmt: skip
 
     def validate(self) -> None:
         super().validate()
@@ -365,6 +372,7 @@ class Rollouts(OnlineState):
         self.examples, self.sources, self.reference = examples, sources, reference
         self.eos, self.pad = stop_token_ids(tokenizer), pad_id(tokenizer)
         self.beta = float(cfg.beta)  # the KL coefficient the next rollout uses
+        self.reward_scaling: tuple[float, float] | None = None  # (mean, std), with reward_norm
         self.cache_key: tuple[int, int] | None = None  # (epoch, rollout) of the cached rollout
         self.rollout: Batch = {}
         self.rollout_metrics: dict[str, float] = {}  # of the cached rollout, logged every step
@@ -387,6 +395,8 @@ class Rollouts(OnlineState):
         examples = [self.examples[i] for i in spec.prompts]
         chunks = [self.roll_chunk(examples[s : s + size]) for s in range(0, len(examples), size)]
         rollout = concat_rollouts(chunks, self.pad)
+        if cfg.reward_norm:
+            rollout["scores"] = self.normalise(rollout["scores"])
         extra, kl = returns_and_advantages(rollout, self.beta, cfg)
         rollout.update(extra)
         rollout["kl_coef"] = torch.full_like(rollout["scores"], self.beta, dtype=torch.float64)
@@ -397,6 +407,19 @@ class Rollouts(OnlineState):
         n = dist.sum_scalar(len(kl_sequence), device_of(self.model.policy))
         self.beta = adaptive_kl_coef(self.beta, total / n, cfg.target_kl, cfg.kl_horizon, int(n))
         return rollout
+
+    def normalise(self, scores: Tensor) -> Tensor:
+        """(scores - mean) / std, both fixed on the first rollout batch (over all ranks); a
+        constant first batch (std under 1e-6) only shifts."""
+        if self.reward_scaling is None:
+            device = device_of(self.model.policy)
+            n = dist.sum_scalar(len(scores), device)
+            mean = dist.sum_scalar(float(scores.double().sum()), device) / n
+            square = dist.sum_scalar(float((scores.double() - mean).square().sum()), device)
+            std = (square / max(n - 1, 1)) ** 0.5
+            self.reward_scaling = (mean, std if std > 1e-6 else 1.0)
+        mean, std = self.reward_scaling
+        return (scores.double() - mean).div(std).to(scores.dtype)
 
     def roll_chunk(self, examples: list[dict]) -> Batch:
         """One sampler call: completions, scores, reference log-probs and old values."""
@@ -445,6 +468,8 @@ class Rollouts(OnlineState):
 
     def extra_state(self) -> dict[str, Tensor]:
         state = {"kl_coef": torch.tensor(self.beta, dtype=torch.float64)}
+        if self.reward_scaling is not None:
+            state["reward_scaling"] = torch.tensor(self.reward_scaling, dtype=torch.float64)
         if self.cache_key is not None:
             state["rollout_key"] = torch.tensor(self.cache_key)
             state.update(flatten("rollout", self.rollout))
@@ -456,6 +481,8 @@ class Rollouts(OnlineState):
         if "kl_coef" not in state:
             raise UserError("checkpoint has no KL controller state; start a new run")
         self.beta = float(state["kl_coef"])
+        scaling = state.get("reward_scaling")
+        self.reward_scaling = None if scaling is None else tuple(scaling.tolist())
         self.cache_key, self.rollout = None, {}
         if "rollout_key" in state:
             self.cache_key = tuple(int(x) for x in state["rollout_key"])
