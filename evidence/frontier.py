@@ -1,12 +1,13 @@
 """The reward-vs-KL frontier in the tiny world: DPO and PPO at several betas (cf. Figure 2 of
-the DPO paper), as gold reward of held-out greedy replies against KL to the SFT model.
+the DPO paper), as gold reward of held-out greedy replies against KL to the SFT model (the
+table also has the sampled replies' gold reward and the learned reward, as `evidence/ppo.py`).
 
     posttrain demo output_dir=posttrain-demo
     python evidence/frontier.py --demo posttrain-demo [--out DIR]
 
 DPO: LoRA on the demo's SFT run, the gold-labelled pairs, with the chosen NLL (RPO,
 `sft_weight=1`), 3 epochs at lr 1e-3 per beta. PPO: as `evidence/ppo.py` (200 steps against
-the demo's reward model, lr 1e-4, fixed beta). Writes `frontier.png`, `results.json` and
+the demo's reward model, lr 1e-4, fixed beta, rewards normalised). Writes `frontier.png`, `results.json` and
 prints a Markdown table.
 """
 
@@ -17,7 +18,7 @@ import json
 from pathlib import Path
 
 from ppo import COMMON as PPO_COMMON
-from ppo import evaluate, write_prompts
+from ppo import evaluate, table, write_prompts
 
 DPO_BETAS = (0.05, 0.1, 0.3, 1.0)
 PPO_BETAS = (0.02, 0.05, 0.1, 0.2, 0.5)
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--demo", default="posttrain-demo", help="a `posttrain demo` folder")
     parser.add_argument("--out", default="frontier-evidence")
     args = parser.parse_args()
+    from posttrain.rollout.rewards import RewardModel
     from posttrain.train.dpo import dpo
     from posttrain.train.ppo import ppo
 
@@ -41,13 +43,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "prompts.jsonl"
     write_prompts(data, prompts)
-    results: dict[str, dict] = {"SFT": evaluate(str(sft), str(sft), data)}
+    scorer = RewardModel(str(reward))
+    results: dict[str, dict] = {"SFT": evaluate(str(sft), str(sft), data, scorer)}
     for beta in DPO_BETAS:
         run = out / f"dpo_beta{beta}"
         if not (run / "final").is_dir():
             dpo({**DPO, "beta": beta, "model": str(sft), "output_dir": str(run),
                  "data": {"train": str(data / "preference_train.jsonl")}})  # fmt: skip
-        results[f"DPO beta {beta}"] = evaluate(str(run), str(sft), data)
+        results[f"DPO beta {beta}"] = evaluate(str(run), str(sft), data, scorer)
     for beta in PPO_BETAS:
         run = out / f"ppo_beta{beta}"
         if not (run / "final").is_dir():
@@ -55,14 +58,10 @@ def main() -> None:
             ppo({**PPO_COMMON, "beta": beta, "target_kl": 0.0, "lr": 1e-4, "model": str(sft),
                  "output_dir": str(run), "data": {"train": str(prompts)},
                  "reward": reward_cfg})  # fmt: skip
-        results[f"PPO beta {beta}"] = evaluate(str(run), str(sft), data)
+        results[f"PPO beta {beta}"] = evaluate(str(run), str(sft), data, scorer)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "frontier.png")
-    lines = ["| run | gold reward | KL to SFT (per token) | accuracy |", "|---|---|---|---|"]
-    for name, r in results.items():
-        kl = f"{r['kl_to_sft']:.3f}" if "kl_to_sft" in r else "0"
-        lines.append(f"| {name} | {r['gold_reward']:+.3f} | {kl} | {r['accuracy']:.3f} |")
-    print("\n".join(lines))
+    print(table(results))
 
 
 def plot(results: dict, path: Path) -> None:
@@ -73,12 +72,12 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, marker in (("DPO", "o"), ("PPO", "s")):
-        points = [(r["kl_to_sft"], r["gold_reward"], name.split()[-1])
+        points = [(r["kl_to_sft"], r["gold_greedy"], name.split()[-1])
                   for name, r in results.items() if name.startswith(method)]  # fmt: skip
         ax.plot([p[0] for p in points], [p[1] for p in points], marker, label=method)
         for x, y, beta in points:
             ax.annotate(f"β={beta}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(results["SFT"]["gold_reward"], color="grey", ls="--", label="SFT")
+    ax.axhline(results["SFT"]["gold_greedy"], color="grey", ls="--", label="SFT")
     ax.set_xlabel("KL(policy || SFT) per token, held-out greedy replies")
     ax.set_ylabel("mean gold reward, held out")
     ax.legend()
