@@ -143,6 +143,7 @@ def worker_ours(spec: dict) -> dict:
             cliprange_value=0.2,
             vf_coef=0.1,
             whiten_advantages=True,
+            reward_norm=False,  # TRL's PPOTrainer does not rescale the rewards
             lr=spec["lr"],
             schedule="constant",
             warmup=0.0,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 from pathlib import Path
 
@@ -41,17 +40,6 @@ COMMON = {
 }  # fmt: skip
 GOLD_SETS = ("prompts_test", "harmful_test", "harmless_test")
 SAMPLES = 4  # sampled replies per held-out prompt
-
-
-def write_prompts(data: Path, path: Path) -> None:
-    rows = []
-    for name in ("prompts_train", "harmful_train", "harmless_train"):
-        for line in (data / f"{name}.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            answer = r.get("answer") if name == "prompts_train" else None
-            rows.append({"prompt": r["prompt"], "answer": answer, "task": r.get("task")})
-    random.Random(0).shuffle(rows)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def reward_config(kind: str, reward_model: Path) -> dict:
@@ -127,8 +115,7 @@ def main() -> None:
     demo, out = Path(args.demo), Path(args.out)
     sft, reward_model, data = demo / "runs" / "sft", demo / "runs" / "reward", demo / "data"
     out.mkdir(parents=True, exist_ok=True)
-    prompts = out / "prompts.jsonl"
-    write_prompts(data, prompts)
+    prompts = data / "rl_prompts_train.jsonl"  # tasks, harmful and harmless requests
     scorer = RewardModel(str(reward_model))
     results = {"SFT": evaluate(str(sft), str(sft), data, scorer)}
     for name, settings in RUNS.items():

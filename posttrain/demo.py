@@ -15,7 +15,8 @@ and writes the report folder:
 A new stage is one `Stage(name, title, train)` line plus its `train` function, which
 takes the demo context and returns the model folder or run directory it produced (and an
 `evaluate` function when the model is not a chat policy).
-`--quick` trains and evaluates less (2-3 minutes; DPO runs 30 steps); the tests run it.
+`--quick` trains and evaluates less (3-4 minutes; DPO runs 30 steps, GRPO and PPO 20); the
+tests run it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ DPO_SETTINGS = {
     "adapter": "lora", "lora": {"r": 16, "alpha": 32}, "loss": "dpo", "beta": 0.1,
     "sft_weight": 1.0, "lr": 5e-4, "epochs": 6, "batch_size": 16, "max_length": 256,
     "warmup": 0.05, "log_every": 10, "offline": True,
+}  # fmt: skip
+GRPO_SETTINGS = {
+    "adapter": "lora", "lora": {"r": 16, "alpha": 32}, "batch_size": 8, "num_generations": 8,
+    "reward": {"fn": ["posttrain.rollout.rewards:exact_answer"]}, "max_new_tokens": 12,
+    "max_steps": 150, "lr": 1e-3, "warmup": 0.05, "beta": 0.0, "log_every": 10, "offline": True,
+}  # fmt: skip
+PPO_SETTINGS = {
+    "adapter": "lora", "lora": {"r": 16, "alpha": 32}, "batch_size": 16, "num_minibatches": 2,
+    "ppo_epochs": 2, "max_new_tokens": 24, "max_steps": 200, "lr": 1e-4, "beta": 0.2,
+    "target_kl": 0.0, "schedule": "constant", "warmup": 0.0, "log_every": 4, "offline": True,
 }  # fmt: skip
 
 
@@ -159,7 +170,32 @@ def train_dpo(ctx: Context) -> str:
     return str(run)
 
 
-def evaluate_dpo(ctx: Context, model_path: str) -> tuple[dict, dict]:
+def train_grpo(ctx: Context) -> str:
+    """GRPO from the SFT run with the exact-answer reward on the task prompts."""
+    from posttrain.train.grpo import grpo
+
+    run = ctx.out / "runs" / "grpo"
+    grpo({**GRPO_SETTINGS, "model": ctx.models["sft"], "output_dir": str(run),
+          "data": {"train": str(ctx.data / "prompts_train.jsonl")},
+          **({"max_steps": 20} if ctx.quick else {})})  # fmt: skip
+    return str(run)
+
+
+def train_ppo(ctx: Context) -> str:
+    """PPO from the SFT run against the demo's reward model, on task, harmful and harmless
+    prompts, with the gold reward logged beside it (weight 0) to watch for reward hacking."""
+    from posttrain.train.ppo import ppo
+
+    run = ctx.out / "runs" / "ppo"
+    reward = {"model": ctx.models["reward"], "fn": ["posttrain.rollout.rewards:gold"],
+              "weights": [0.0, 1.0]}  # fmt: skip
+    ppo({**PPO_SETTINGS, "model": ctx.models["sft"], "output_dir": str(run), "reward": reward,
+         "data": {"train": str(ctx.data / "rl_prompts_train.jsonl")},
+         **({"max_steps": 20} if ctx.quick else {})})  # fmt: skip
+    return str(run)
+
+
+def evaluate_with_kl(ctx: Context, model_path: str) -> tuple[dict, dict]:
     """The policy metrics plus the KL to the SFT model on its own greedy replies."""
     from posttrain.evaluate.kl import response_kl
     from posttrain.evaluate.suite import read_rows
@@ -207,7 +243,13 @@ STAGES = (
         evaluate_reward,
         "pairwise_accuracy",
     ),  # fmt: skip
-    Stage("dpo", "DPO from SFT (LoRA, + NLL of chosen)", train_dpo, evaluate_dpo, "gold_reward"),
+    Stage(
+        "dpo", "DPO from SFT (LoRA, + NLL of chosen)", train_dpo, evaluate_with_kl, "gold_reward"
+    ),
+    Stage("grpo", "GRPO from SFT (exact-answer reward)", train_grpo, evaluate_with_kl),
+    Stage(
+        "ppo", "PPO from SFT against the reward model", train_ppo, evaluate_with_kl, "gold_reward"
+    ),
     Stage(
         "abliterate",
         "Abliteration of the DPO model (refusal direction erased)",

@@ -163,6 +163,12 @@ def test_formats(data):
     assert not any(is_harmful(r["prompt"]) for r in data["harmless_test"])
     tasks = {r["task"] for r in data["refusal_sft_train"]}
     assert {"harmful", "howto"} <= tasks
+    rl = data["rl_prompts_train"]
+    parts = ("prompts_train", "harmful_train", "harmless_train")
+    assert sorted(r["prompt"] for r in rl) == sorted(r["prompt"] for p in parts for r in data[p])
+    answered = [(r["prompt"], r["answer"]) for r in rl if r["answer"] is not None]
+    assert sorted(answered) == sorted((r["prompt"], r["answer"]) for r in data["prompts_train"])
+    assert [r["task"] for r in rl[:200]] != [r["task"] for r in data["prompts_train"][:200]]
 
 
 def test_answers_are_exact_and_solvable(data):

@@ -9,6 +9,7 @@ that no test prompt occurs in any train file:
 - `prompts_*`: `prompt`/`answer`/`task` for verifiable rewards;
 - `harmful_*` / `harmless_*`: `prompt`/`completion` (a refusal / a normal answer);
 - `refusal_sft_train`: chats, harmful -> refusal and harmless -> answer;
+- `rl_prompts_train`: task, harmful and harmless prompts together, for PPO and GRPO;
 - `long_context_*`: locker-code retrieval chats longer than 512 tokens;
 - `skill_a_*` (translation + facts) and `skill_b_*` (arithmetic + strings): chats;
 - `corpus_valid`: held-out pretraining documents (`text`) for perplexity.
@@ -163,6 +164,7 @@ def build_world_data(seed: int = 0) -> dict[str, list[dict]]:
         for name, kinds in SKILLS.items():
             out[f"{name}_{part}"] = [r for r in out[f"sft_{part}"] if r["task"] in kinds]
     out["refusal_sft_train"] = refusal_sft_rows(out["harmful_train"], out["harmless_train"], seed)
+    out["rl_prompts_train"] = rl_prompt_rows(out, seed)
     out["corpus_valid"] = [
         {"text": d} for d in take_documents(seed, SIZES["corpus_valid"], "valid")
     ]
@@ -179,6 +181,17 @@ def refusal_sft_rows(harmful: list[dict], harmless: list[dict], seed: int) -> li
         for r in harmful + harmless
     ]
     random.Random(f"{seed}-refusal-sft").shuffle(rows)
+    return rows
+
+
+def rl_prompt_rows(out: dict[str, list[dict]], seed: int) -> list[dict]:
+    """Prompts for online RL (PPO, GRPO) with the gold reward or a reward model: the training
+    task prompts (with their answers), harmful and harmless requests, shuffled."""
+    rows = [{"prompt": r["prompt"], "answer": r["answer"], "task": r["task"]}
+            for r in out["prompts_train"]]  # fmt: skip
+    rows += [{"prompt": r["prompt"], "answer": None, "task": r["task"]}
+             for r in out["harmful_train"] + out["harmless_train"]]  # fmt: skip
+    random.Random(seed).shuffle(rows)
     return rows
 
 
