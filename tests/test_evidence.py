@@ -1,6 +1,6 @@
-"""The PPO and frontier evidence scripts' evaluation, table and plot on a tiny random model and the
-world's data: their long runs are not tested (minutes to an hour), so this keeps the parts they
-share from drifting apart (frontier.py imports evaluate and table from ppo.py)."""
+"""The PPO, frontier and refusal-PPO evidence scripts' evaluation, table, plot and data mix on a
+tiny random model and the world's data: their long runs are not tested (minutes to an hour), so
+this keeps the parts they share from drifting apart (the others import from ppo.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ EVIDENCE = Path(__file__).resolve().parents[1] / "evidence"
 def scripts():
     sys.path.insert(0, str(EVIDENCE))
     try:
-        yield importlib.import_module("ppo"), importlib.import_module("frontier")
+        yield [importlib.import_module(m) for m in ("ppo", "frontier", "ppo_refusals")]
     finally:
         sys.path.remove(str(EVIDENCE))
 
@@ -30,7 +30,7 @@ def length_reward(prompts, completions, **_):
 
 
 def test_evaluation_table_and_plot_run_on_a_tiny_model(scripts, tmp_path):
-    ppo_script, frontier = scripts
+    ppo_script, frontier, refusals = scripts
     data = tmp_path / "data"
     write_world_data(data)
     sft, policy = save_tiny(tmp_path / "sft"), save_tiny(tmp_path / "policy")
@@ -45,3 +45,5 @@ def test_evaluation_table_and_plot_run_on_a_tiny_model(scripts, tmp_path):
     assert len(lines) == 5 and lines[2].startswith("| SFT |") and lines[3].endswith("| 0.00 |")
     frontier.plot(results, tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").stat().st_size > 0
+    refusals.write_mix(data, tmp_path / "mix.jsonl")
+    assert len((tmp_path / "mix.jsonl").read_text().splitlines()) == 900 + 600
