@@ -203,7 +203,7 @@ def test_unusable_attention_names_the_key(folder, attention):
         load_model(config(folder, attn_implementation=attention), tiny_tokenizer())
 
 
-def test_an_adapter_run_as_model_loads_merged_into_its_base(folder, tmp_path):
+def test_an_adapter_run_as_model_loads_merged_into_its_base(folder, tmp_path, monkeypatch):
     """`model=RUN` of a LoRA run (e.g. DPO from SFT) starts from base + adapter, merged."""
     from peft import LoraConfig, get_peft_model
 
@@ -234,6 +234,8 @@ def test_an_adapter_run_as_model_loads_merged_into_its_base(folder, tmp_path):
     second.save_pretrained(tmp_path / "run2" / "final")
     load_tokenizer(cfg).save_pretrained(tmp_path / "run2" / "final")
     assert load.model_folder(str(tmp_path / "run2"))[1] == str(run / "final")
+    monkeypatch.chdir(tmp_path)  # a relative path comes back absolute: bases load from anywhere
+    assert load.model_folder("run2")[0] == str((tmp_path / "run2" / "final").resolve())
     chained, _ = load_for_inference(str(tmp_path / "run2"))
     assert torch.allclose(
         chained(input_ids=ids).logits, second.eval()(input_ids=ids).logits, atol=1e-5

@@ -95,12 +95,16 @@ def model_error(cfg: Any, attention: str, exc: Exception) -> Exception:
 
 
 def model_folder(name: str) -> tuple[str, str | None]:
-    """(folder or hub id to load, the adapter's base or None): a run dir becomes its final/."""
+    """(folder or hub id to load, the adapter's base or None): a run dir becomes its final/.
+
+    A local folder comes back absolute, so adapters trained on it record a base that loads from
+    any working directory."""
     path = Path(name).expanduser()
     if (path / "final").is_dir():
         path = path / "final"
     if not path.is_dir():
         return name, None  # a hub id, or a missing folder that from_pretrained reports
+    path = path.resolve()
     config = path / "adapter_config.json"
     return str(path), json.loads(config.read_text())[
         "base_model_name_or_path"
