@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from ppo import COMMON as PPO_COMMON
-from ppo import evaluate, table
+from ppo import evaluate, rl_prompts, table
 
 DPO_BETAS = (0.05, 0.1, 0.3, 1.0)
 PPO_BETAS = (0.02, 0.05, 0.1, 0.2, 0.5)
@@ -41,7 +41,7 @@ def main() -> None:
     demo, out = Path(args.demo), Path(args.out)
     sft, reward, data = demo / "runs" / "sft", demo / "runs" / "reward", demo / "data"
     out.mkdir(parents=True, exist_ok=True)
-    prompts = data / "rl_prompts_train.jsonl"
+    prompts = rl_prompts(data)
     scorer = RewardModel(str(reward))
     results: dict[str, dict] = {"SFT": evaluate(str(sft), str(sft), data, scorer)}
     for beta in DPO_BETAS:

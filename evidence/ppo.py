@@ -42,6 +42,15 @@ GOLD_SETS = ("prompts_test", "harmful_test", "harmless_test")
 SAMPLES = 4  # sampled replies per held-out prompt
 
 
+def rl_prompts(data: Path) -> Path:
+    """The world's online-RL prompts; a demo folder written before they existed must be redone."""
+    path = data / "rl_prompts_train.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found; rewrite the data: posttrain world data {data} "
+                         "overwrite=true")  # fmt: skip
+    return path
+
+
 def reward_config(kind: str, reward_model: Path) -> dict:
     """The learned reward model, with the gold reward logged beside it at weight 0; or gold."""
     gold = "posttrain.rollout.rewards:gold"
@@ -115,7 +124,7 @@ def main() -> None:
     demo, out = Path(args.demo), Path(args.out)
     sft, reward_model, data = demo / "runs" / "sft", demo / "runs" / "reward", demo / "data"
     out.mkdir(parents=True, exist_ok=True)
-    prompts = data / "rl_prompts_train.jsonl"  # tasks, harmful and harmless requests
+    prompts = rl_prompts(data)  # tasks, harmful and harmless requests
     scorer = RewardModel(str(reward_model))
     results = {"SFT": evaluate(str(sft), str(sft), data, scorer)}
     for name, settings in RUNS.items():

@@ -27,7 +27,7 @@ import json
 import random
 from pathlib import Path
 
-from ppo import COMMON, GOLD, LEARNED, evaluate, reward_config, table
+from ppo import COMMON, GOLD, LEARNED, evaluate, reward_config, rl_prompts, table
 
 TOP_K = 5
 SFT = {
@@ -82,7 +82,7 @@ def main() -> None:
     for name, settings in RUNS.items():
         run = out / "".join(c if c.isalnum() else "_" for c in name)
         ppo({**PPO, "beta": settings["beta"], "model": str(sft_run), "output_dir": str(run),
-             "data": {"train": str(data / "rl_prompts_train.jsonl")},
+             "data": {"train": str(rl_prompts(data))},
              "reward": reward_config(settings["reward"], reward_run)})  # fmt: skip
         results[name] = evaluate(str(run), str(sft_run), data, scorer, TOP_K)
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

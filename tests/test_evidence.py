@@ -45,5 +45,8 @@ def test_evaluation_table_and_plot_run_on_a_tiny_model(scripts, tmp_path):
     assert len(lines) == 5 and lines[2].startswith("| SFT |") and lines[3].endswith("| 0.00 |")
     frontier.plot(results, tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").stat().st_size > 0
+    assert ppo_script.rl_prompts(data).is_file()
+    with pytest.raises(SystemExit, match="overwrite=true"):
+        ppo_script.rl_prompts(tmp_path)
     refusals.write_mix(data, tmp_path / "mix.jsonl")
     assert len((tmp_path / "mix.jsonl").read_text().splitlines()) == 900 + 600
