@@ -3,11 +3,11 @@
     posttrain demo output_dir=posttrain-demo          # the SFT run and the reward model
     python evidence/ppo.py --demo posttrain-demo [--out DIR]
 
-Starts from the demo's SFT run with a new LoRA and optimises the demo's reward model (a
-`posttrain reward` run) on the world's training prompts (task prompts, harmful and harmless
-sets), at several KL settings. One more run optimises the hidden gold reward itself (an oracle
-reward model: what PPO could reach here if the reward model were perfect). Each run takes 200
-PPO steps (batch 16, 2 minibatches, 2 PPO epochs, 24 new tokens).
+Starts from the demo's SFT run with a new LoRA and optimises the demo's reward model (a `posttrain
+reward` run) on the world's training prompts (task prompts, harmful and harmless sets), at several
+KL settings (one also without `reward_norm`). One more run optimises the hidden gold reward itself
+(an oracle reward model: what PPO could reach here if the reward model were perfect). Each run
+takes 200 PPO steps (batch 16, 2 minibatches, 2 PPO epochs, 24 new tokens).
 
 Held-out evaluation on the gold prompts (task, harmful and harmless test sets): the mean gold
 reward of greedy replies and of sampled ones (temperature 1, what PPO optimises; 4 per prompt,
@@ -24,6 +24,8 @@ import json
 import statistics
 from pathlib import Path
 
+from posttrain.demo import GOLD_SETS, PPO_SETTINGS
+
 LEARNED, GOLD = "learned", "gold"
 RUNS = {
     "gold reward as the reward (oracle), beta 0.05": {"reward": GOLD, "beta": 0.05, "lr": 1e-4},
@@ -31,14 +33,11 @@ RUNS = {
     "learned, adaptive beta (target 1)": {"reward": LEARNED, "beta": 0.05, "target_kl": 1.0,
                                           "kl_horizon": 50, "lr": 1e-4},
     "learned, beta 0.05, lr 3e-4": {"reward": LEARNED, "beta": 0.05, "lr": 3e-4},
+    "learned, beta 0.05, lr 3e-4, reward_norm off": {"reward": LEARNED, "beta": 0.05, "lr": 3e-4,
+                                                     "reward_norm": False},
     "learned, no KL penalty, lr 3e-4": {"reward": LEARNED, "beta": 0.0, "lr": 3e-4},
 }  # fmt: skip
-COMMON = {
-    "lora": {"r": 16, "alpha": 32}, "batch_size": 16, "num_minibatches": 2, "ppo_epochs": 2,
-    "max_new_tokens": 24, "max_steps": 200, "warmup": 0, "schedule": "constant",
-    "log_every": 4, "kl_horizon": 1000, "target_kl": 0.0, "offline": True,
-}  # fmt: skip
-GOLD_SETS = ("prompts_test", "harmful_test", "harmless_test")
+COMMON = {**PPO_SETTINGS, "kl_horizon": 1000}  # the demo's PPO stage; each run sets beta, lr
 SAMPLES = 4  # sampled replies per held-out prompt
 
 
