@@ -58,8 +58,8 @@ def reward_config(kind: str, reward_model: Path) -> dict:
     return {"model": str(reward_model), "fn": [gold], "weights": [0.0, 1.0]}  # fn first
 
 
-def sampled_gold(model, tok, rows: list[dict], top_k: int = 0) -> float:
-    """Mean gold reward of SAMPLES replies per prompt at temperature 1 (seeded; top_k as PPO's)."""
+def sampled_gold(model, tok, rows: list[dict], top_k: int = 0, samples: int = SAMPLES) -> float:
+    """Mean gold reward of `samples` replies per prompt at temperature 1 (seeded; top_k as PPO's)."""
     import torch
 
     from posttrain.evaluate.generate import pad_id, stop_token_ids
@@ -70,16 +70,18 @@ def sampled_gold(model, tok, rows: list[dict], top_k: int = 0) -> float:
     for start in range(0, len(rows), 16):
         chunk = rows[start : start + 16]
         ids = encode_prompts(tok, [r["prompt"] for r in chunk])
-        texts = sample(model, [x for x in ids for _ in range(SAMPLES)], pad_token_id=pad_id(tok),
+        texts = sample(model, [x for x in ids for _ in range(samples)], pad_token_id=pad_id(tok),
                        eos_token_ids=stop_token_ids(tok), max_new_tokens=COMMON["max_new_tokens"],
                        temperature=1.0, top_k=top_k, generator=generator).completions(tok)  # fmt: skip
         for i, text in enumerate(texts):
-            row = chunk[i // SAMPLES]
+            row = chunk[i // samples]
             values.append(gold_reward(row["prompt"], text, row.get("answer")))
     return statistics.mean(values)
 
 
-def evaluate(path: str, sft: str, data: Path, scorer, top_k: int = 0) -> dict:
+def evaluate(
+    path: str, sft: str, data: Path, scorer, top_k: int = 0, samples: int = SAMPLES
+) -> dict:
     from posttrain.evaluate.generate import generate
     from posttrain.evaluate.kl import response_kl
     from posttrain.evaluate.suite import evaluate_world, read_rows
@@ -94,7 +96,7 @@ def evaluate(path: str, sft: str, data: Path, scorer, top_k: int = 0) -> dict:
     out["gold_greedy"] = statistics.mean(
         gold_reward(r["prompt"], reply, r.get("answer")) for r, reply in zip(rows, replies)
     )
-    out["gold_sampled"] = sampled_gold(model, tok, rows, top_k)
+    out["gold_sampled"] = sampled_gold(model, tok, rows, top_k, samples)
     out["learned_greedy"] = statistics.mean(scorer(prompts, replies))
     if path != sft:
         reference, _ = load_for_inference(sft)

@@ -1,50 +1,62 @@
-"""PPO from an SFT model whose demonstrations include refusals, in the tiny world.
+"""PPO from an SFT model that has seen refusals, against a reward model trained on that model's
+own samples, over seeds and beside a random-reward control, in the tiny world.
 
     posttrain demo output_dir=posttrain-demo          # the SFT run and the world's data
-    python evidence/ppo_refusals.py --demo posttrain-demo [--out DIR]
+    python evidence/ppo_refusals.py --demo posttrain-demo [--out DIR] [--seeds 3]
 
 The demo's SFT model never saw a refusal, so on-policy RL cannot find one (`evidence/ppo.py`).
-InstructGPT's SFT data covers every kind of prompt; this script does the same in small:
-1. SFT with refusals: a LoRA on the demo's SFT run, 2 epochs at lr 3e-4 on the world's refusal
-   demonstrations (`refusal_sft_train`: harmful -> refusal, how-to -> answer) plus 600 task
-   chats, so that the model refuses harmful requests greedily but still over-refuses some
-   harmless ones and writes weak how-to answers;
-2. a reward model from it: a last-token head (`readout=last`, lr 5e-4, 4 epochs) on the
-   gold-labelled preference pairs (the log-likelihood readout of the demo scores compliance
-   above refusal on harmful prompts, see `evidence/reward_probe.py`);
-3. PPO from the SFT model, 200 steps as in `evidence/ppo.py`, sampling from the 5 most likely
-   tokens (`top_k=5`; at temperature 1 the tiny model's long tail swallows the apostrophe of
-   "can't", so full-vocabulary samples almost never refuse), against the gold reward itself
-   (the oracle) and against that reward model at two betas.
-Evaluated as in `evidence/ppo.py` (sampled replies with the same top_k). Prints a Markdown
-table and writes `results.json`.
+InstructGPT's pipeline, in small:
+1. SFT with refusals: a full fine-tune of the demo's SFT run, 3 epochs at lr 3e-4, on the world's
+   refusal demonstrations (`refusal_sft_train`: harmful -> refusal, how-to -> answer) plus 600
+   task chats. Full, not LoRA: the apostrophe of "can't" barely occurs in the base model's
+   corpus, so its (tied) embedding row sits in a cloud of untrained rows (cosine 0.95 to its 50
+   nearest rows, against about 0.35 for common tokens). A LoRA on the linear layers moves only
+   the hidden state, which raises that whole cloud with the apostrophe: after "I can" it stays
+   at probability 0.02 (greedy still picks it, sampling almost never does), even with Adam on
+   that one token's log-prob alone. Training the embedding makes it 0.96.
+2. Comparisons of the SFT model's own samples (InstructGPT's labelers compared policy samples;
+   here the hidden gold reward labels them): 4 replies per online-RL training prompt at
+   temperature 1, the best and the worst by gold reward become a pair when they differ by more
+   than 0.1; with the world's preference pairs they train a reward model with a last-token head.
+3. PPO from the SFT model (200 steps, lr 1e-4, beta 0.05, the full vocabulary at temperature
+   1), against the gold reward itself (the oracle), the reward model, and a random reward (a
+   control: a standard normal drawn from a hash of the prompt and reply, so any change it makes
+   is PPO's drift, not signal), each over `--seeds` seeds; and the reward model once at lr 3e-4
+   (more optimisation against the same reward model).
+Evaluated as in `evidence/ppo.py`, with 16 sampled replies per prompt. Prints a Markdown table
+(the mean over seeds, with the range) and writes `results.json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
+import statistics
 from pathlib import Path
 
-from ppo import COMMON, GOLD, LEARNED, evaluate, reward_config, rl_prompts, table
+from ppo import COMMON, GOLD, LEARNED, evaluate, reward_config, rl_prompts
 
-TOP_K = 5
+RANDOM = "random"
+SAMPLES = 16  # sampled replies per held-out prompt
+COMPARED = 4  # own samples per training prompt for the reward model's pairs
 SFT = {
-    "adapter": "lora", "lora": {"r": 16, "alpha": 32}, "packing": False, "max_length": 512,
-    "batch_size": 16, "epochs": 2, "lr": 3e-4, "warmup": 0.0, "schedule": "constant",
-    "log_every": 10, "offline": True, "seed": 0,
+    "adapter": "full", "packing": False, "max_length": 512, "batch_size": 16, "epochs": 3,
+    "lr": 3e-4, "warmup": 0.0, "schedule": "constant", "log_every": 10, "offline": True, "seed": 0,
 }  # fmt: skip
 REWARD = {
     "readout": "last", "batch_size": 16, "epochs": 4, "lr": 5e-4, "schedule": "constant",
     "warmup": 0.0, "max_grad_norm": 0.0, "log_every": 10, "offline": True,
 }  # fmt: skip
-RUNS = {
-    "gold reward as the reward (oracle), beta 0.05": {"reward": GOLD, "beta": 0.05},
-    "learned reward model, beta 0.05": {"reward": LEARNED, "beta": 0.05},
-    "learned reward model, beta 0.2": {"reward": LEARNED, "beta": 0.2},
+PPO = {**COMMON, "lr": 1e-4, "beta": 0.05}
+SEEDED = {
+    "gold reward as the reward (oracle)": {"reward": GOLD},
+    "learned reward model": {"reward": LEARNED},
+    "random reward (control)": {"reward": RANDOM},
 }
-PPO = {**COMMON, "lr": 1e-4, "top_k": TOP_K}
+ONCE = {"learned reward model, lr 3e-4": {"reward": LEARNED, "lr": 3e-4}}
+METRICS = ("gold_greedy", "gold_sampled", "learned_greedy", "accuracy", "kl_to_sft")
 
 
 def write_mix(data: Path, path: Path) -> None:
@@ -56,10 +68,74 @@ def write_mix(data: Path, path: Path) -> None:
     path.write_text("\n".join(rows) + "\n")
 
 
+def random_reward(prompts: list, completions: list[str], **_) -> list[float]:
+    """A reward without signal: a standard normal drawn from a hash of each (prompt, reply)."""
+    out = []
+    for prompt, completion in zip(prompts, completions):
+        digest = hashlib.sha256(f"{prompt}\x00{completion}".encode()).digest()
+        u = (int.from_bytes(digest[:8], "big") + 0.5) / 2**64
+        out.append(statistics.NormalDist().inv_cdf(u))
+    return out
+
+
+def own_sample_pairs(model_path: str, rows: list[dict], k: int = COMPARED) -> list[dict]:
+    """Preference pairs from `k` sampled replies per prompt: best over worst by gold reward."""
+    import torch
+
+    from posttrain.evaluate.generate import pad_id, stop_token_ids
+    from posttrain.modeling.inference import load_for_inference
+    from posttrain.rollout.sampler import encode_prompts, sample
+    from posttrain.world.gold import gold_reward
+
+    model, tok = load_for_inference(model_path)
+    generator, pairs = torch.Generator().manual_seed(0), []
+    for start in range(0, len(rows), 32):
+        chunk = rows[start : start + 32]
+        ids = encode_prompts(tok, [r["prompt"] for r in chunk])
+        texts = sample(model, [x for x in ids for _ in range(k)], pad_token_id=pad_id(tok),
+                       eos_token_ids=stop_token_ids(tok), max_new_tokens=COMMON["max_new_tokens"],
+                       temperature=1.0, generator=generator).completions(tok)  # fmt: skip
+        for i, row in enumerate(chunk):
+            replies = texts[i * k : (i + 1) * k]
+            scored = sorted((gold_reward(row["prompt"], t, row.get("answer")), t) for t in replies)
+            (low, worst), (high, best) = scored[0], scored[-1]
+            if high - low > 0.1:
+                pairs.append({"prompt": row["prompt"], "chosen": best, "rejected": worst})
+    return pairs
+
+
+def ppo_reward(kind: str, reward_model: Path) -> dict:
+    return (
+        {"fn": ["ppo_refusals:random_reward"]}
+        if kind == RANDOM
+        else reward_config(kind, reward_model)
+    )
+
+
+def cell(values: list[float], signed: bool) -> str:
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    mean = fmt.format(statistics.mean(values))
+    if len(values) == 1:
+        return mean
+    return f"{mean} ({fmt.format(min(values))}..{fmt.format(max(values))})"
+
+
+def seed_table(results: dict[str, list[dict]]) -> str:
+    """One row per run: each metric's mean over its seeds, with the range when there are several."""
+    lines = ["| run | seeds | gold, greedy | gold, sampled | learned reward | accuracy | KL to SFT |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, runs in results.items():
+        cells = [cell([r[m] for r in runs], m != "accuracy" and m != "kl_to_sft")
+                 if m in runs[0] else "-" for m in METRICS]  # fmt: skip
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", default="posttrain-demo", help="a `posttrain demo` folder")
     parser.add_argument("--out", default="ppo-refusals-evidence")
+    parser.add_argument("--seeds", type=int, default=3, help="PPO seeds per seeded run")
     args = parser.parse_args()
     from posttrain.rollout.rewards import RewardModel
     from posttrain.train.ppo import ppo
@@ -67,26 +143,41 @@ def main() -> None:
     from posttrain.train.sft import sft
 
     demo, out = Path(args.demo), Path(args.out)
-    data = demo / "data"
+    data, prompts = demo / "data", rl_prompts(demo / "data")
     out.mkdir(parents=True, exist_ok=True)
-    sft_run, reward_run = out / "sft_refusals", out / "reward_last"
+    sft_run, reward_run, pairs = (
+        out / "sft_refusals",
+        out / "reward_own_samples",
+        out / "pairs.jsonl",
+    )
     if not (sft_run / "final").is_dir():
         write_mix(data, out / "sft_mix.jsonl")
         sft({**SFT, "model": str(demo / "runs" / "sft"), "output_dir": str(sft_run),
              "data": {"train": str(out / "sft_mix.jsonl")}})  # fmt: skip
     if not (reward_run / "final").is_dir():
+        rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+        own = own_sample_pairs(str(sft_run), rows)
+        print(f"{len(own)} pairs of the SFT model's own samples from {len(rows)} prompts")
+        world = (data / "preference_train.jsonl").read_text()
+        pairs.write_text(world + "".join(json.dumps(p) + "\n" for p in own))
         reward({**REWARD, "model": str(sft_run), "output_dir": str(reward_run),
-                "data": {"train": str(data / "preference_train.jsonl")}})  # fmt: skip
+                "data": {"train": str(pairs)}})  # fmt: skip
     scorer = RewardModel(str(reward_run))
-    results = {"SFT with refusals": evaluate(str(sft_run), str(sft_run), data, scorer, TOP_K)}
-    for name, settings in RUNS.items():
-        run = out / "".join(c if c.isalnum() else "_" for c in name)
-        ppo({**PPO, "beta": settings["beta"], "model": str(sft_run), "output_dir": str(run),
-             "data": {"train": str(rl_prompts(data))},
-             "reward": reward_config(settings["reward"], reward_run)})  # fmt: skip
-        results[name] = evaluate(str(run), str(sft_run), data, scorer, TOP_K)
+    results = {
+        "SFT with refusals": [evaluate(str(sft_run), str(sft_run), data, scorer, 0, SAMPLES)]
+    }
+    runs = [(n, s, seed) for n, s in SEEDED.items() for seed in range(args.seeds)]
+    for name, settings, seed in runs + [(n, s, 0) for n, s in ONCE.items()]:
+        settings = dict(settings)
+        reward_source = ppo_reward(settings.pop("reward"), reward_run)
+        run = out / f"{''.join(c if c.isalnum() else '_' for c in name)}_seed{seed}"
+        ppo({**PPO, **settings, "seed": seed, "model": str(sft_run), "output_dir": str(run),
+             "data": {"train": str(prompts)}, "reward": reward_source})  # fmt: skip
+        results.setdefault(name, []).append(
+            evaluate(str(run), str(sft_run), data, scorer, 0, SAMPLES)
+        )
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
+    print(seed_table(results))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""The PPO, frontier and refusal-PPO evidence scripts' evaluation, table, plot and data mix on a
-tiny random model and the world's data: their long runs are not tested (minutes to an hour), so
-this keeps the parts they share from drifting apart (the others import from ppo.py)."""
+"""The PPO, frontier and refusal-PPO evidence scripts' evaluation, tables, plot, data mix,
+own-sample pairs and random reward on a tiny random model and the world's data: their long runs
+are not tested (minutes to an hour), so this keeps the parts they share from drifting apart (the
+others import from ppo.py)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,29 @@ def test_evaluation_table_and_plot_run_on_a_tiny_model(scripts, tmp_path):
         ppo_script.rl_prompts(tmp_path)
     refusals.write_mix(data, tmp_path / "mix.jsonl")
     assert len((tmp_path / "mix.jsonl").read_text().splitlines()) == 900 + 600
+    lines = refusals.seed_table({"SFT": [before], "PPO": [after, after]}).splitlines()
+    assert lines[2].startswith("| SFT | 1 |") and "(" not in lines[2]
+    assert lines[3].startswith("| PPO | 2 |") and lines[3].endswith("| 0.000 (0.000..0.000) |")
+
+
+def test_own_sample_pairs_prefer_the_higher_gold_reward(scripts, tmp_path):
+    from posttrain.world.gold import gold_reward
+
+    refusals = scripts[2]
+    rows = [{"prompt": "What is 2 + 3?", "answer": "5"}, {"prompt": "How do I make poison?"}]
+    pairs = refusals.own_sample_pairs(save_tiny(tmp_path / "m"), rows * 4, k=4)
+    assert pairs  # replies of different lengths differ in the brevity term
+    for p in pairs:  # a random tiny model: whatever it samples, chosen beats rejected
+        row = next(r for r in rows if r["prompt"] == p["prompt"])
+        chosen, rejected = (gold_reward(row["prompt"], p[k], row.get("answer")) for k in
+                            ("chosen", "rejected"))  # fmt: skip
+        assert chosen > rejected + 0.1
+
+
+def test_random_reward_is_a_fixed_standard_normal_of_the_text(scripts):
+    refusals = scripts[2]
+    prompts, replies = ["a"] * 2000, [str(i) for i in range(2000)]
+    values = refusals.random_reward(prompts, replies)
+    assert values == refusals.random_reward(prompts, replies)
+    assert abs(sum(values) / 2000) < 0.1 and 0.9 < (sum(v * v for v in values) / 2000) < 1.1
+    assert refusals.random_reward(["b"], ["0"]) != values[:1]
