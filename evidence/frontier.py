@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from ppo import COMMON as PPO_COMMON
-from ppo import evaluate, rl_prompts, table
+from ppo import demo_run, evaluate, rl_prompts, table
 
 DPO_BETAS = (0.05, 0.1, 0.3, 1.0)
 PPO_BETAS = (0.02, 0.05, 0.1, 0.2, 0.5)
@@ -39,7 +39,7 @@ def main() -> None:
     from posttrain.train.ppo import ppo
 
     demo, out = Path(args.demo), Path(args.out)
-    sft, reward, data = demo / "runs" / "sft", demo / "runs" / "reward", demo / "data"
+    sft, reward, data = demo_run(demo, "sft"), demo_run(demo, "reward"), demo / "data"
     out.mkdir(parents=True, exist_ok=True)
     prompts = rl_prompts(data)
     scorer = RewardModel(str(reward))

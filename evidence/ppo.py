@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from posttrain.demo import GOLD_SETS, PPO_SETTINGS
 
@@ -41,12 +43,25 @@ COMMON = {**PPO_SETTINGS, "kl_horizon": 1000}  # the demo's PPO stage; each run 
 SAMPLES = 4  # sampled replies per held-out prompt
 
 
+def fail(message: str) -> NoReturn:
+    """Bad input to an evidence script: one line on stderr and exit code 2, as the CLI does."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
 def rl_prompts(data: Path) -> Path:
     """The world's online-RL prompts; a demo folder written before they existed must be redone."""
     path = data / "rl_prompts_train.jsonl"
     if not path.is_file():
-        raise SystemExit(f"{path}: not found; rewrite the data: posttrain world data {data} "
-                         "overwrite=true")  # fmt: skip
+        fail(f"{path}: not found; rewrite the data: posttrain world data {data} overwrite=true")
+    return path
+
+
+def demo_run(demo: Path, name: str) -> Path:
+    """A finished run of the demo folder; a missing one is a one-line error naming the command."""
+    path = demo / "runs" / name
+    if not (path / "final").is_dir():
+        fail(f"{path}: no finished run; write it with: posttrain demo output_dir={demo}")
     return path
 
 
@@ -123,7 +138,7 @@ def main() -> None:
     from posttrain.train.ppo import ppo
 
     demo, out = Path(args.demo), Path(args.out)
-    sft, reward_model, data = demo / "runs" / "sft", demo / "runs" / "reward", demo / "data"
+    sft, reward_model, data = demo_run(demo, "sft"), demo_run(demo, "reward"), demo / "data"
     out.mkdir(parents=True, exist_ok=True)
     prompts = rl_prompts(data)  # tasks, harmful and harmless requests
     scorer = RewardModel(str(reward_model))

@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ppo import demo_run
+
 
 def kind_of(prompt: str) -> str:
     from posttrain.world.gold import howto_topic, is_harmful
@@ -36,12 +38,13 @@ def main() -> None:
     from posttrain.rollout.rewards import RewardModel
 
     demo = Path(args.demo)
+    sft, reward_run = demo_run(demo, "sft"), demo_run(demo, "reward")
     lines = (demo / "data" / "preference_test.jsonl").read_text().splitlines()
     groups: dict[str, list[dict]] = {}
     for row in map(json.loads, lines):
         groups.setdefault(kind_of(text(row["prompt"])), []).append(row)
-    reward = RewardModel(str(demo / "runs" / "reward"))
-    model, tok = load_for_inference(str(demo / "runs" / "sft"))
+    reward = RewardModel(str(reward_run))
+    model, tok = load_for_inference(str(sft))
     print("| prompts | pairs | chosen | rejected | accuracy | SFT greedy | greedy > chosen |")
     print("|---|---|---|---|---|---|---|")
     for kind, rows in sorted(groups.items()):

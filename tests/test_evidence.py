@@ -30,7 +30,7 @@ def length_reward(prompts, completions, **_):
     return [float(len(c)) for c in completions]
 
 
-def test_evaluation_table_and_plot_run_on_a_tiny_model(scripts, tmp_path):
+def test_evaluation_table_and_plot_run_on_a_tiny_model(scripts, tmp_path, capsys):
     ppo_script, frontier, refusals = scripts
     data = tmp_path / "data"
     write_world_data(data)
@@ -47,8 +47,11 @@ def test_evaluation_table_and_plot_run_on_a_tiny_model(scripts, tmp_path):
     frontier.plot(results, tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").stat().st_size > 0
     assert ppo_script.rl_prompts(data).is_file()
-    with pytest.raises(SystemExit, match="overwrite=true"):
-        ppo_script.rl_prompts(tmp_path)
+    for call, message in ((lambda: ppo_script.rl_prompts(tmp_path), "overwrite=true\n"),
+                          (lambda: ppo_script.demo_run(tmp_path, "sft"), "runs/sft: no finished")):  # fmt: skip
+        with pytest.raises(SystemExit) as stop:
+            call()
+        assert stop.value.code == 2 and message in capsys.readouterr().err
     refusals.write_mix(data, tmp_path / "mix.jsonl")
     assert len((tmp_path / "mix.jsonl").read_text().splitlines()) == 900 + 600
     lines = refusals.seed_table({"SFT": [before], "PPO": [after, after]}).splitlines()
