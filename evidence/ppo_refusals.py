@@ -36,7 +36,7 @@ import random
 import statistics
 from pathlib import Path
 
-from ppo import COMMON, GOLD, LEARNED, evaluate, reward_config, rl_prompts
+from ppo import COMMON, GOLD, LEARNED, demo_run, evaluate, reward_config, rl_prompts
 
 RANDOM = "random"
 SAMPLES = 16  # sampled replies per held-out prompt
@@ -152,7 +152,7 @@ def main() -> None:
     )
     if not (sft_run / "final").is_dir():
         write_mix(data, out / "sft_mix.jsonl")
-        sft({**SFT, "model": str(demo / "runs" / "sft"), "output_dir": str(sft_run),
+        sft({**SFT, "model": str(demo_run(demo, "sft")), "output_dir": str(sft_run),
              "data": {"train": str(out / "sft_mix.jsonl")}})  # fmt: skip
     if not (reward_run / "final").is_dir():
         rows = [json.loads(line) for line in prompts.read_text().splitlines()]
