@@ -56,16 +56,25 @@ SEEDED = {
     "random reward (control)": {"reward": RANDOM},
 }
 ONCE = {"learned reward model, lr 3e-4": {"reward": LEARNED, "lr": 3e-4}}
-METRICS = ("gold_greedy", "gold_sampled", "learned_greedy", "accuracy", "kl_to_sft")
+METRICS = ("gold_greedy", "gold_sampled", "learned_greedy", "accuracy", "kl_to_sft", "kl_training")
 
 
-def write_mix(data: Path, path: Path) -> None:
-    """The refusal demonstrations plus 600 of the SFT task chats, shuffled (seeded)."""
+def write_mix(data: Path, path: Path, flawed: float = 0.0) -> None:
+    """The refusal demonstrations plus 600 of the SFT task chats, shuffled (seeded); a `flawed`
+    fraction of the answers (not the refusals) made rude or rambling, half each."""
+    from posttrain.world.pairs import rambling, rude
+
     tasks = (data / "sft_train.jsonl").read_text().splitlines()
     random.Random(0).shuffle(tasks)
     rows = (data / "refusal_sft_train.jsonl").read_text().splitlines() + tasks[:600]
     random.Random(1).shuffle(rows)
-    path.write_text("\n".join(rows) + "\n")
+    rng, out = random.Random(2), []
+    for row in map(json.loads, rows):
+        reply = row["messages"][-1]
+        if row.get("task") != "harmful" and rng.random() < flawed:
+            reply["content"] = (rude if rng.random() < 0.5 else rambling)(reply["content"], rng)
+        out.append(json.dumps(row))
+    path.write_text("\n".join(out) + "\n")
 
 
 def random_reward(prompts: list, completions: list[str], **_) -> list[float]:
@@ -112,6 +121,12 @@ def ppo_reward(kind: str, reward_model: Path) -> dict:
     )
 
 
+def training_kl(run: Path, last: int = 10) -> float:
+    """Mean KL to the SFT model per reply (what `target_kl` bounds) over the last logged steps."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return statistics.mean([r["kl"] for r in rows if "kl" in r][-last:])
+
+
 def cell(values: list[float], signed: bool) -> str:
     fmt = "{:+.3f}" if signed else "{:.3f}"
     mean = fmt.format(statistics.mean(values))
@@ -122,10 +137,10 @@ def cell(values: list[float], signed: bool) -> str:
 
 def seed_table(results: dict[str, list[dict]]) -> str:
     """One row per run: each metric's mean over its seeds, with the range when there are several."""
-    lines = ["| run | seeds | gold, greedy | gold, sampled | learned reward | accuracy | KL to SFT |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| run | seeds | gold, greedy | gold, sampled | learned reward | accuracy | KL to SFT "
+             "| KL per reply, training |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, runs in results.items():
-        cells = [cell([r[m] for r in runs], m != "accuracy" and m != "kl_to_sft")
+        cells = [cell([r[m] for r in runs], m in METRICS[:3])
                  if m in runs[0] else "-" for m in METRICS]  # fmt: skip
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -134,15 +149,20 @@ def seed_table(results: dict[str, list[dict]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", default="posttrain-demo", help="a `posttrain demo` folder")
-    parser.add_argument("--out", default="ppo-refusals-evidence")
+    parser.add_argument("--out", help="default: ppo-refusals-evidence[-flawed]")
     parser.add_argument("--seeds", type=int, default=3, help="PPO seeds per seeded run")
+    parser.add_argument("--flawed", type=float, default=0.0,
+                        help="fraction of the SFT answers made rude or rambling")  # fmt: skip
+    parser.add_argument("--target-kl", type=float, default=0.0,
+                        help="PPO's adaptive KL target, nats per reply (0: beta stays fixed)")  # fmt: skip
     args = parser.parse_args()
     from posttrain.rollout.rewards import RewardModel
     from posttrain.train.ppo import ppo
     from posttrain.train.reward import reward
     from posttrain.train.sft import sft
 
-    demo, out = Path(args.demo), Path(args.out)
+    demo = Path(args.demo)
+    out = Path(args.out or "ppo-refusals-evidence" + ("-flawed" if args.flawed else ""))
     data, prompts = demo / "data", rl_prompts(demo / "data")
     out.mkdir(parents=True, exist_ok=True)
     sft_run, reward_run, pairs = (
@@ -151,7 +171,7 @@ def main() -> None:
         out / "pairs.jsonl",
     )
     if not (sft_run / "final").is_dir():
-        write_mix(data, out / "sft_mix.jsonl")
+        write_mix(data, out / "sft_mix.jsonl", args.flawed)
         sft({**SFT, "model": str(demo_run(demo, "sft")), "output_dir": str(sft_run),
              "data": {"train": str(out / "sft_mix.jsonl")}})  # fmt: skip
     if not (reward_run / "final").is_dir():
@@ -163,19 +183,17 @@ def main() -> None:
         reward({**REWARD, "model": str(sft_run), "output_dir": str(reward_run),
                 "data": {"train": str(pairs)}})  # fmt: skip
     scorer = RewardModel(str(reward_run))
-    results = {
-        "SFT with refusals": [evaluate(str(sft_run), str(sft_run), data, scorer, 0, SAMPLES)]
-    }
+    label = "SFT with flawed demonstrations" if args.flawed else "SFT with refusals"
+    results = {label: [evaluate(str(sft_run), str(sft_run), data, scorer, 0, SAMPLES)]}
     runs = [(n, s, seed) for n, s in SEEDED.items() for seed in range(args.seeds)]
     for name, settings, seed in runs + [(n, s, 0) for n, s in ONCE.items()]:
         settings = dict(settings)
         reward_source = ppo_reward(settings.pop("reward"), reward_run)
         run = out / f"{''.join(c if c.isalnum() else '_' for c in name)}_seed{seed}"
-        ppo({**PPO, **settings, "seed": seed, "model": str(sft_run), "output_dir": str(run),
-             "data": {"train": str(prompts)}, "reward": reward_source})  # fmt: skip
-        results.setdefault(name, []).append(
-            evaluate(str(run), str(sft_run), data, scorer, 0, SAMPLES)
-        )
+        ppo({**PPO, **settings, "seed": seed, "target_kl": args.target_kl, "model": str(sft_run),
+             "output_dir": str(run), "data": {"train": str(prompts)}, "reward": reward_source})  # fmt: skip
+        result = evaluate(str(run), str(sft_run), data, scorer, 0, SAMPLES)
+        results.setdefault(name, []).append({**result, "kl_training": training_kl(run)})
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(seed_table(results))
 
