@@ -3,6 +3,7 @@ own samples, over seeds and beside a random-reward control, in the tiny world.
 
     posttrain demo output_dir=posttrain-demo          # the SFT run and the world's data
     python evidence/ppo_refusals.py --demo posttrain-demo [--out DIR] [--seeds 3]
+    python evidence/ppo_refusals.py --demo posttrain-demo --flawed 0.67 --target-kl 2
 
 The demo's SFT model never saw a refusal, so on-policy RL cannot find one (`evidence/ppo.py`).
 InstructGPT's pipeline, in small:
@@ -14,6 +15,9 @@ InstructGPT's pipeline, in small:
    the hidden state, which raises that whole cloud with the apostrophe: after "I can" it stays
    at probability 0.02 (greedy still picks it, sampling almost never does), even with Adam on
    that one token's log-prob alone. Training the embedding makes it 0.96.
+   With `--flawed F`, a fraction F of the answers in that mix (not the refusals) are made rude
+   or rambling (the world's own rejected styles, half each), as human demonstrations are uneven:
+   the SFT model then imitates the flaws, which the preference pairs rank below the plain answer.
 2. Comparisons of the SFT model's own samples (InstructGPT's labelers compared policy samples;
    here the hidden gold reward labels them): 4 replies per online-RL training prompt at
    temperature 1, the best and the worst by gold reward become a pair when they differ by more
@@ -22,7 +26,9 @@ InstructGPT's pipeline, in small:
    1), against the gold reward itself (the oracle), the reward model, and a random reward (a
    control: a standard normal drawn from a hash of the prompt and reply, so any change it makes
    is PPO's drift, not signal), each over `--seeds` seeds; and the reward model once at lr 3e-4
-   (more optimisation against the same reward model).
+   (more optimisation against the same reward model). `--target-kl` turns on the adaptive KL
+   controller (nats per reply); the table's last column is the KL per reply over the last 40
+   training steps.
 Evaluated as in `evidence/ppo.py`, with 16 sampled replies per prompt. Prints a Markdown table
 (the mean over seeds, with the range) and writes `results.json`.
 """
