@@ -73,25 +73,33 @@ def reward_config(kind: str, reward_model: Path) -> dict:
     return {"model": str(reward_model), "fn": [gold], "weights": [0.0, 1.0]}  # fn first
 
 
-def sampled_gold(model, tok, rows: list[dict], top_k: int = 0, samples: int = SAMPLES) -> float:
-    """Mean gold reward of `samples` replies per prompt at temperature 1 (seeded; top_k as PPO's)."""
+def sampled_replies(model, tok, rows: list[dict], samples: int, top_k: int = 0, chunk: int = 16):
+    """(row, its `samples` replies at temperature 1) for each row; seeded, `chunk` prompts a call."""
     import torch
 
     from posttrain.evaluate.generate import pad_id, stop_token_ids
     from posttrain.rollout.sampler import encode_prompts, sample
-    from posttrain.world.gold import gold_reward
 
-    generator, values = torch.Generator().manual_seed(0), []
-    for start in range(0, len(rows), 16):
-        chunk = rows[start : start + 16]
-        ids = encode_prompts(tok, [r["prompt"] for r in chunk])
+    generator = torch.Generator().manual_seed(0)
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        ids = encode_prompts(tok, [r["prompt"] for r in part])
         texts = sample(model, [x for x in ids for _ in range(samples)], pad_token_id=pad_id(tok),
                        eos_token_ids=stop_token_ids(tok), max_new_tokens=COMMON["max_new_tokens"],
                        temperature=1.0, top_k=top_k, generator=generator).completions(tok)  # fmt: skip
-        for i, text in enumerate(texts):
-            row = chunk[i // samples]
-            values.append(gold_reward(row["prompt"], text, row.get("answer")))
-    return statistics.mean(values)
+        for i, row in enumerate(part):
+            yield row, texts[i * samples : (i + 1) * samples]
+
+
+def sampled_gold(model, tok, rows: list[dict], top_k: int = 0, samples: int = SAMPLES) -> float:
+    """Mean gold reward of `samples` replies per prompt at temperature 1 (seeded; top_k as PPO's)."""
+    from posttrain.world.gold import gold_reward
+
+    return statistics.mean(
+        gold_reward(row["prompt"], text, row.get("answer"))
+        for row, texts in sampled_replies(model, tok, rows, samples, top_k)
+        for text in texts
+    )
 
 
 def evaluate(

@@ -42,7 +42,16 @@ import random
 import statistics
 from pathlib import Path
 
-from ppo import COMMON, GOLD, LEARNED, demo_run, evaluate, reward_config, rl_prompts
+from ppo import (
+    COMMON,
+    GOLD,
+    LEARNED,
+    demo_run,
+    evaluate,
+    reward_config,
+    rl_prompts,
+    sampled_replies,
+)
 
 RANDOM = "random"
 SAMPLES = 16  # sampled replies per held-out prompt
@@ -95,27 +104,16 @@ def random_reward(prompts: list, completions: list[str], **_) -> list[float]:
 
 def own_sample_pairs(model_path: str, rows: list[dict], k: int = COMPARED) -> list[dict]:
     """Preference pairs from `k` sampled replies per prompt: best over worst by gold reward."""
-    import torch
-
-    from posttrain.evaluate.generate import pad_id, stop_token_ids
     from posttrain.modeling.inference import load_for_inference
-    from posttrain.rollout.sampler import encode_prompts, sample
     from posttrain.world.gold import gold_reward
 
     model, tok = load_for_inference(model_path)
-    generator, pairs = torch.Generator().manual_seed(0), []
-    for start in range(0, len(rows), 32):
-        chunk = rows[start : start + 32]
-        ids = encode_prompts(tok, [r["prompt"] for r in chunk])
-        texts = sample(model, [x for x in ids for _ in range(k)], pad_token_id=pad_id(tok),
-                       eos_token_ids=stop_token_ids(tok), max_new_tokens=COMMON["max_new_tokens"],
-                       temperature=1.0, generator=generator).completions(tok)  # fmt: skip
-        for i, row in enumerate(chunk):
-            replies = texts[i * k : (i + 1) * k]
-            scored = sorted((gold_reward(row["prompt"], t, row.get("answer")), t) for t in replies)
-            (low, worst), (high, best) = scored[0], scored[-1]
-            if high - low > 0.1:
-                pairs.append({"prompt": row["prompt"], "chosen": best, "rejected": worst})
+    pairs = []
+    for row, replies in sampled_replies(model, tok, rows, k, chunk=32):
+        scored = sorted((gold_reward(row["prompt"], t, row.get("answer")), t) for t in replies)
+        (low, worst), (high, best) = scored[0], scored[-1]
+        if high - low > 0.1:
+            pairs.append({"prompt": row["prompt"], "chosen": best, "rejected": worst})
     return pairs
 
 
