@@ -26,9 +26,9 @@ InstructGPT's pipeline, in small:
    1), against the gold reward itself (the oracle), the reward model, and a random reward (a
    control: a standard normal drawn from a hash of the prompt and reply, so any change it makes
    is PPO's drift, not signal), each over `--seeds` seeds; and the reward model once at lr 3e-4
-   (more optimisation against the same reward model). `--target-kl` turns on the adaptive KL
-   controller (nats per reply); the table's last column is the KL per reply over the last 40
-   training steps.
+   and once without the KL penalty (more optimisation against the same reward model).
+   `--target-kl` turns on the adaptive KL controller (nats per reply); the table's last column
+   is the KL per reply over the last 40 training steps.
 Evaluated as in `evidence/ppo.py`, with 16 sampled replies per prompt. Prints a Markdown table
 (the mean over seeds, with the range) and writes `results.json`.
 """
@@ -70,7 +70,10 @@ SEEDED = {
     "learned reward model": {"reward": LEARNED},
     "random reward (control)": {"reward": RANDOM},
 }
-ONCE = {"learned reward model, lr 3e-4": {"reward": LEARNED, "lr": 3e-4}}
+ONCE = {
+    "learned reward model, lr 3e-4": {"reward": LEARNED, "lr": 3e-4},
+    "learned reward model, no KL penalty": {"reward": LEARNED, "beta": 0.0, "target_kl": 0.0},
+}
 METRICS = ("gold_greedy", "gold_sampled", "learned_greedy", "accuracy", "kl_to_sft", "kl_training")
 
 
@@ -194,7 +197,7 @@ def main() -> None:
         settings = dict(settings)
         reward_source = ppo_reward(settings.pop("reward"), reward_run)
         run = out / f"{''.join(c if c.isalnum() else '_' for c in name)}_seed{seed}"
-        ppo({**PPO, **settings, "seed": seed, "target_kl": args.target_kl, "model": str(sft_run),
+        ppo({**PPO, "target_kl": args.target_kl, **settings, "seed": seed, "model": str(sft_run),
              "output_dir": str(run), "data": {"train": str(prompts)}, "reward": reward_source})  # fmt: skip
         result = evaluate(str(run), str(sft_run), data, scorer, 0, SAMPLES)
         results.setdefault(name, []).append({**result, "kl_training": training_kl(run)})
