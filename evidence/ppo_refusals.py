@@ -121,6 +121,7 @@ def own_sample_pairs(model_path: str, rows: list[dict], k: int = COMPARED) -> li
 
 
 def ppo_reward(kind: str, reward_model: Path) -> dict:
+    """PPO's `reward` config for a run kind (the random control is this module's function)."""
     return (
         {"fn": ["ppo_refusals:random_reward"]}
         if kind == RANDOM
