@@ -73,7 +73,7 @@ def reward_config(kind: str, reward_model: Path) -> dict:
     return {"model": str(reward_model), "fn": [gold], "weights": [0.0, 1.0]}  # fn first
 
 
-def sampled_replies(model, tok, rows: list[dict], samples: int, top_k: int = 0, chunk: int = 16):
+def sampled_replies(model, tok, rows: list[dict], samples: int, chunk: int = 16):
     """(row, its `samples` replies at temperature 1) for each row; seeded, `chunk` prompts a call."""
     import torch
 
@@ -86,25 +86,25 @@ def sampled_replies(model, tok, rows: list[dict], samples: int, top_k: int = 0, 
         ids = encode_prompts(tok, [r["prompt"] for r in part])
         texts = sample(model, [x for x in ids for _ in range(samples)], pad_token_id=pad_id(tok),
                        eos_token_ids=stop_token_ids(tok), max_new_tokens=COMMON["max_new_tokens"],
-                       temperature=1.0, top_k=top_k, generator=generator).completions(tok)  # fmt: skip
+                       temperature=1.0, generator=generator).completions(tok)  # fmt: skip
         for i, row in enumerate(part):
             yield row, texts[i * samples : (i + 1) * samples]
 
 
-def sampled_gold(model, tok, rows: list[dict], top_k: int = 0, samples: int = SAMPLES) -> float:
-    """Mean gold reward of `samples` replies per prompt at temperature 1 (seeded; top_k as PPO's)."""
+def sampled_gold(model, tok, rows: list[dict], samples: int = SAMPLES) -> float:
+    """Mean gold reward of `samples` replies per prompt at temperature 1 (seeded)."""
     from posttrain.world.gold import gold_reward
 
     return statistics.mean(
         gold_reward(row["prompt"], text, row.get("answer"))
-        for row, texts in sampled_replies(model, tok, rows, samples, top_k)
+        for row, texts in sampled_replies(model, tok, rows, samples)
         for text in texts
     )
 
 
-def evaluate(
-    path: str, sft: str, data: Path, scorer, top_k: int = 0, samples: int = SAMPLES
-) -> dict:
+def evaluate(path: str, sft: str, data: Path, scorer, samples: int = SAMPLES) -> dict:
+    """Accuracy, gold reward (greedy and sampled), learned reward and KL to `sft` on the held-out
+    gold prompts (see the module doc)."""
     from posttrain.evaluate.generate import generate
     from posttrain.evaluate.kl import response_kl
     from posttrain.evaluate.suite import evaluate_world, read_rows
@@ -119,7 +119,7 @@ def evaluate(
     out["gold_greedy"] = statistics.mean(
         gold_reward(r["prompt"], reply, r.get("answer")) for r, reply in zip(rows, replies)
     )
-    out["gold_sampled"] = sampled_gold(model, tok, rows, top_k, samples)
+    out["gold_sampled"] = sampled_gold(model, tok, rows, samples)
     out["learned_greedy"] = statistics.mean(scorer(prompts, replies))
     if path != sft:
         reference, _ = load_for_inference(sft)

@@ -48,6 +48,7 @@ from ppo import (
     LEARNED,
     demo_run,
     evaluate,
+    fail,
     reward_config,
     rl_prompts,
     sampled_replies,
@@ -129,6 +130,15 @@ def ppo_reward(kind: str, reward_model: Path) -> dict:
     )
 
 
+def same_settings(out: Path, settings: dict) -> None:
+    """Runs in `out` are reused, so they must have been made with these settings (recorded)."""
+    path = out / "settings.json"
+    if path.is_file() and json.loads(path.read_text()) != settings:
+        fail(f"{out} was made with {path.read_text().strip()}, not {json.dumps(settings)}; "
+             "choose another --out")  # fmt: skip
+    path.write_text(json.dumps(settings) + "\n")
+
+
 def training_kl(run: Path, last: int = 10) -> float:
     """Mean KL to the SFT model per reply (what `target_kl` bounds) over the last logged steps."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -164,6 +174,8 @@ def main() -> None:
     parser.add_argument("--target-kl", type=float, default=0.0,
                         help="PPO's adaptive KL target, nats per reply (0: beta stays fixed)")  # fmt: skip
     args = parser.parse_args()
+    if not 0 <= args.flawed <= 1 or args.seeds < 1 or args.target_kl < 0:
+        fail("need 0 <= --flawed <= 1, --seeds >= 1 and --target-kl >= 0")
     from posttrain.rollout.rewards import RewardModel
     from posttrain.train.ppo import ppo
     from posttrain.train.reward import reward
@@ -173,6 +185,7 @@ def main() -> None:
     out = Path(args.out or "ppo-refusals-evidence" + ("-flawed" if args.flawed else ""))
     data, prompts = demo / "data", rl_prompts(demo / "data")
     out.mkdir(parents=True, exist_ok=True)
+    same_settings(out, {"flawed": args.flawed, "target_kl": args.target_kl})
     sft_run, reward_run, pairs = (
         out / "sft_refusals",
         out / "reward_own_samples",
@@ -192,7 +205,7 @@ def main() -> None:
                 "data": {"train": str(pairs)}})  # fmt: skip
     scorer = RewardModel(str(reward_run))
     label = "SFT with flawed demonstrations" if args.flawed else "SFT with refusals"
-    results = {label: [evaluate(str(sft_run), str(sft_run), data, scorer, 0, SAMPLES)]}
+    results = {label: [evaluate(str(sft_run), str(sft_run), data, scorer, SAMPLES)]}
     runs = [(n, s, seed) for n, s in SEEDED.items() for seed in range(args.seeds)]
     for name, settings, seed in runs + [(n, s, 0) for n, s in ONCE.items()]:
         settings = dict(settings)
@@ -200,7 +213,7 @@ def main() -> None:
         run = out / f"{''.join(c if c.isalnum() else '_' for c in name)}_seed{seed}"
         ppo({**PPO, "target_kl": args.target_kl, **settings, "seed": seed, "model": str(sft_run),
              "output_dir": str(run), "data": {"train": str(prompts)}, "reward": reward_source})  # fmt: skip
-        result = evaluate(str(run), str(sft_run), data, scorer, 0, SAMPLES)
+        result = evaluate(str(run), str(sft_run), data, scorer, SAMPLES)
         results.setdefault(name, []).append({**result, "kl_training": training_kl(run)})
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(seed_table(results))

@@ -109,3 +109,18 @@ def test_random_reward_is_a_fixed_standard_normal_of_the_text(scripts):
     assert values == refusals.random_reward(prompts, replies)
     assert abs(sum(values) / 2000) < 0.1 and 0.9 < (sum(v * v for v in values) / 2000) < 1.1
     assert refusals.random_reward(["b"], ["0"]) != values[:1]
+
+
+def test_bad_flags_and_a_reused_folder_with_other_settings_exit_2(scripts, tmp_path, monkeypatch,
+                                                                  capsys):  # fmt: skip
+    refusals = scripts[2]
+    for flags in (["--flawed", "1.5"], ["--seeds", "0"], ["--target-kl", "-1"]):
+        monkeypatch.setattr(sys, "argv", ["ppo_refusals.py", "--out", str(tmp_path), *flags])
+        with pytest.raises(SystemExit) as stop:
+            refusals.main()
+        assert stop.value.code == 2 and "--flawed" in capsys.readouterr().err
+    refusals.same_settings(tmp_path, {"flawed": 0.5, "target_kl": 2.0})
+    refusals.same_settings(tmp_path, {"flawed": 0.5, "target_kl": 2.0})  # the same: fine
+    with pytest.raises(SystemExit) as stop:
+        refusals.same_settings(tmp_path, {"flawed": 0.0, "target_kl": 2.0})
+    assert stop.value.code == 2 and "choose another --out" in capsys.readouterr().err
