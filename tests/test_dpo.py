@@ -76,7 +76,10 @@ def test_full_dpo_resumes_exactly_and_reuses_or_refreshes_the_reference_cache(
     b = load_file(str(half / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     changed = write_pairs(tmp_path / "changed.jsonl", n=12)
+    assert main(args(tiny_dir, changed, half, "adapter=full", "max_steps=6")) == 2
+    assert "started with data.train=" in capsys.readouterr().err  # resuming would mix the two
     shutil.rmtree(half / "final")
+    shutil.rmtree(half / "checkpoints")  # a start over in the same folder: the cache is stale
     assert main(args(tiny_dir, changed, half, "adapter=full", "max_steps=6")) == 0
     assert "recomputing" in capsys.readouterr().err
 

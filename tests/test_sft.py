@@ -158,3 +158,19 @@ def test_python_api_takes_a_dict(tiny_dir, tmp_path):
     metrics = posttrain.sft({**cfg, "max_steps": 2, "batch_size": 4, "max_length": 64})
     assert metrics["step"] == 2 and metrics["loss"] > 0
     assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
+
+
+def test_a_run_with_checkpoints_resumes_only_under_its_own_settings(tiny_dir, tmp_path, capsys):
+    data = write_chats(tmp_path / "chats.jsonl")
+    out = tmp_path / "run"
+    assert main(base_args(tiny_dir, data, out, "max_steps=2")) == 0
+    before = (out / "config.yaml").read_text()
+    capsys.readouterr()
+    for changed in (["lr=3e-2"], ["lora.r=8"], ["adapter_args={use_rslora: true}"]):
+        assert main(base_args(tiny_dir, data, out, "max_steps=2", *changed)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "choose another output_dir" in err, err
+        assert f"started with {changed[0].split('=')[0]}=" in err
+    assert (out / "config.yaml").read_text() == before  # nothing rewritten
+    # what is logged or kept may change: the finished run resumes at its last step
+    assert main(base_args(tiny_dir, data, out, "max_steps=2", "log_every=5")) == 0

@@ -9,26 +9,63 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from posttrain.config import TrainConfig, dump_yaml
 from posttrain.errors import UserError
 from posttrain.io import write_text_atomic
 from posttrain.modeling.adapters import apply_adapter, trainable_summary
 from posttrain.modeling.load import load_model
-from posttrain.train import dist
+from posttrain.train import checkpoint, dist
 from posttrain.train.loop import Job, Loop
+
+# Keys that change what is logged, evaluated or kept, never the weights: a resume may change them.
+RESUME_MAY_CHANGE = frozenset(
+    ("output_dir", "log_every", "eval_every", "save_every", "keep_checkpoints", "report_to",
+     "offline", "data.eval", "data.eval_split", "gradient_checkpointing")
+)  # fmt: skip
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
-    """Refuse a non-empty folder that is not one of our runs (we would mix files into it)."""
+    """Refuse a non-empty folder that is not one of our runs (we would mix files into it), and a
+    run with checkpoints started under other settings (resuming would silently mix the two)."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file")
     if out.is_dir() and any(out.iterdir()) and not (out / "config.yaml").is_file():
         raise UserError(f"output_dir {out} is not empty and is not a posttrain run; choose another")
+    if checkpoint.latest(out) is not None and (out / "config.yaml").is_file():
+        check_same_settings(cfg, out / "config.yaml")
+
+
+def check_same_settings(cfg: TrainConfig, saved: Path) -> None:
+    """Refuse, naming the first key, when the run's config.yaml differs from `cfg` outside
+    RESUME_MAY_CHANGE; keys the saved file lacks (an older posttrain) are not compared."""
+    old = yaml.safe_load(saved.read_text()) or {}
+    first = next(differences(cfg, old, yaml.safe_load(dump_yaml(cfg))), None)
+    if first:
+        key, was, now = first
+        raise UserError(
+            f"output_dir {saved.parent} was started with {key}={was!r}, not {now!r}; "
+            "re-run with its settings to resume, or choose another output_dir"
+        )
+
+
+def differences(cfg, old: dict, new: dict, prefix: str = ""):
+    """(dotted key, saved value, new value) for each differing field; sections (nested config
+    dataclasses) are compared field by field, any other value (a dict knob too) as a whole."""
+    for f in fields(cfg):
+        key = prefix + f.name
+        if f.name not in old or key in RESUME_MAY_CHANGE:
+            continue
+        if is_dataclass(getattr(cfg, f.name)):
+            yield from differences(getattr(cfg, f.name), old[f.name] or {}, new[f.name], key + ".")
+        elif old[f.name] != new[f.name]:
+            yield key, old[f.name], new[f.name]
 
 
 def begin_run(cfg: TrainConfig):
