@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from posttrain.config import build_config, check, opt
-from posttrain.evaluate.generate import device_of, pad_id, stop_token_ids
+from posttrain.evaluate.generate import device_of
 from posttrain.losses.rl import (
     AGGREGATIONS,
     dr_grpo_advantages,
@@ -71,10 +71,10 @@ from posttrain.train.online import (
     StepStats,
     completion_logprobs,
     make_reference,
+    make_sampler,
     mean_entropy,
     prompts_and_rewards,
     rollout_batch,
-    sample_rollout,
     score_completions,
     unflatten,
 )
@@ -188,7 +188,7 @@ class Rollouts(OnlineState):
         super().__init__(cfg.seed, device_of(model))
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.examples, self.sources, self.reference = examples, sources, reference
-        self.eos, self.pad = stop_token_ids(tokenizer), pad_id(tokenizer)
+        self.sample = make_sampler(model, tokenizer, cfg)
         self.cache_key: tuple[int, int] | None = None  # (epoch, rollout) of the cached batches
         self.cache: dict[int, Batch] = {}  # micro index -> collated rollout
         self.stats = StepStats(PHASES)
@@ -213,8 +213,7 @@ class Rollouts(OnlineState):
         rows = [self.examples[i] for i in spec.indices]
         start = perf_counter()
         prompt_ids = [row["input_ids"] for row in rows for _ in range(G)]
-        r = sample_rollout(self.model, self.tokenizer, prompt_ids, cfg, self.generator,
-                           self.eos, self.pad)  # fmt: skip
+        r = self.sample(prompt_ids, self.generator, self.step)
         stats.time("generate", perf_counter() - start)
         start = perf_counter()
         rewards, parts = score_completions(self.sources, cfg, rows, r.completions(self.tokenizer),

@@ -18,8 +18,10 @@ a checkpoint keeps.
 - `OnlineState`: the sampler's `torch.Generator` and step counter as of the last finished
   step, plus a method's own tensors (its cached rollout, a KL coefficient), for exact resume.
 
-Simplified on purpose: sampling runs on the training model through HF (no vLLM engine); FSDP
-and prompt/prefix tuning are not supported; eval during training is not offered (run
+- `make_sampler`: the rollout engine, `engine=hf` (`rollout/sampler.py` on the training model)
+  or `engine=vllm` (`rollout/vllm_engine.py`, with the log-probs recomputed here).
+
+Simplified on purpose: FSDP and prompt/prefix tuning are not supported; eval during training is not offered (run
 `posttrain eval` on the run).
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import copy
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -38,10 +41,11 @@ from torch import Tensor, nn
 from posttrain.config import TrainConfig, check, opt
 from posttrain.data.load import load_rows
 from posttrain.errors import UserError
+from posttrain.evaluate.generate import device_of, pad_id, stop_token_ids
 from posttrain.losses.lm import final_hidden, output_head, token_logprobs
 from posttrain.losses.rl import entropy_from_logits
 from posttrain.rollout.rewards import build_sources, combine, truncation_penalty
-from posttrain.rollout.sampler import Rollout, encode_prompts, sample
+from posttrain.rollout.sampler import Rollout, encode_prompts, eval_no_grad, sample
 from posttrain.train import dist
 from posttrain.train.loop import Batch
 
@@ -76,6 +80,12 @@ class OnlineConfig(TrainConfig):
         "truncate", "longer prompts: truncate (keep the end), drop (skip), error (refuse)"
     )
     reward: RewardSection = opt(RewardSection(), "reward sources")
+    engine: str = opt(
+        "hf",
+        "what samples: hf (our KV-cache sampler on the training model) or "
+        "vllm (a colocated vLLM engine, CUDA only; see rollout/vllm_engine.py)",
+    )
+    vllm_gpu_memory: float = opt(0.3, "share of the GPU's memory vLLM may take (engine=vllm)")
 
     def validate(self) -> None:
         super().validate()
@@ -94,6 +104,18 @@ class OnlineConfig(TrainConfig):
               f"is not supported by {self.command} (ranks sample different lengths)")  # fmt: skip
         check(self.adapter not in ("prefix", "prompt"), "adapter",
               f"{self.adapter} is not supported by the rollout sampler")  # fmt: skip
+        check(self.engine in ("hf", "vllm"), "engine", f"must be hf or vllm, got {self.engine!r}")
+        if self.engine == "vllm":
+            self.check_vllm()
+
+    def check_vllm(self) -> None:
+        from posttrain.rollout.vllm_engine import VLLM_ADAPTERS
+
+        check(self.adapter in VLLM_ADAPTERS, "adapter", f"{self.adapter} is not supported "
+              f"with engine=vllm (use one of {', '.join(VLLM_ADAPTERS)}, or engine=hf)")  # fmt: skip
+        check(not self.new_tokens, "new_tokens", "are not supported with engine=vllm")
+        check(0 < self.vllm_gpu_memory < 1, "vllm_gpu_memory",
+              f"must be in (0, 1), got {self.vllm_gpu_memory}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -158,13 +180,39 @@ def load_prompts(source: str, split: str, tokenizer, cfg: OnlineConfig) -> list[
 # ----------------------------------------------------------------------------- sampling
 
 
-def sample_rollout(model, tokenizer, prompt_ids: list, cfg: OnlineConfig, generator,
-                   eos: list[int], pad: int) -> Rollout:  # fmt: skip
-    """One completion per prompt (token id lists) with the config's sampling settings."""
-    return sample(model, prompt_ids, pad_token_id=pad, eos_token_ids=eos,
-                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                  top_k=cfg.top_k, top_p=cfg.top_p, stop_strings=cfg.stop,
-                  tokenizer=tokenizer, generator=generator)  # fmt: skip
+Sampler = Callable[[list, torch.Generator, int], Rollout]
+
+
+def make_sampler(model, tokenizer, cfg: OnlineConfig) -> Sampler:
+    """`sampler(prompt_ids, generator, step)`: one completion per prompt (token id lists) with
+    the config's settings and engine, by the policy as of optimizer step `step`."""
+    eos, pad = stop_token_ids(tokenizer), pad_id(tokenizer)
+    if cfg.engine == "vllm":
+        return vllm_sampler(model, cfg, eos, pad)
+
+    def hf(prompt_ids: list, generator: torch.Generator, step: int) -> Rollout:
+        return sample(model, prompt_ids, pad_token_id=pad, eos_token_ids=eos,
+                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                      top_k=cfg.top_k, top_p=cfg.top_p, stop_strings=cfg.stop,
+                      tokenizer=tokenizer, generator=generator)  # fmt: skip
+
+    return hf
+
+
+def vllm_sampler(model, cfg: OnlineConfig, eos: list[int], pad: int, **engine_args) -> Sampler:
+    """vLLM samples the tokens; the training model recomputes their log-probs (ratio 1)."""
+    from posttrain.rollout.vllm_engine import VllmEngine
+
+    engine = VllmEngine(cfg, model, eos, pad, **engine_args)
+
+    def vllm(prompt_ids: list, generator: torch.Generator, step: int) -> Rollout:
+        r = engine.sample(prompt_ids, generator, step)
+        with eval_no_grad(model):
+            batch = {k: v.to(device_of(model)) for k, v in rollout_batch(r).items()}
+            r.logprobs = completion_logprobs(model, batch, cfg.temperature)[0].float().cpu()
+        return r
+
+    return vllm
 
 
 def rollout_batch(r: Rollout) -> Batch:

@@ -67,7 +67,7 @@ from torch import Tensor
 
 from posttrain.config import build_config, check, opt
 from posttrain.errors import UserError
-from posttrain.evaluate.generate import device_of, pad_id, stop_token_ids
+from posttrain.evaluate.generate import device_of, pad_id
 from posttrain.losses.rl import (
     DEFAULT_KL_ESTIMATOR,
     DEFAULT_KL_PLACEMENT,
@@ -92,10 +92,10 @@ from posttrain.train.online import (
     completion_logprobs,
     flatten,
     make_reference,
+    make_sampler,
     mean_entropy,
     prompts_and_rewards,
     rollout_batch,
-    sample_rollout,
     scatter_rows,
     score_completions,
     unflatten,
@@ -311,7 +311,8 @@ class Rollouts(OnlineState):
         super().__init__(cfg.seed, device_of(model.policy))
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.examples, self.sources, self.reference = examples, sources, reference
-        self.eos, self.pad = stop_token_ids(tokenizer), pad_id(tokenizer)
+        self.pad = pad_id(tokenizer)
+        self.sample = make_sampler(model.policy, tokenizer, cfg)
         self.beta = float(cfg.beta)  # the KL coefficient the next rollout uses
         self.reward_scaling: tuple[float, float] | None = None  # (mean, std), with reward_norm
         self.cache_key: tuple[int, int] | None = None  # (epoch, rollout) of the cached rollout
@@ -366,8 +367,7 @@ class Rollouts(OnlineState):
         """One sampler call: completions, scores, reference log-probs and old values."""
         stats, device = self.stats, device_of(self.model.policy)
         start = perf_counter()
-        r = sample_rollout(self.model.policy, self.tokenizer, [e["input_ids"] for e in examples],
-                           self.cfg, self.generator, self.eos, self.pad)  # fmt: skip
+        r = self.sample([e["input_ids"] for e in examples], self.generator, self.step)
         stats.time("generate", perf_counter() - start)
         start = perf_counter()
         scores, parts = score_completions(self.sources, self.cfg, examples,
