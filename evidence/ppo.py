@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from posttrain.demo import GOLD_SETS, PPO_SETTINGS
+from posttrain.demo import GOLD_SETS
+from posttrain.world.rlhf import GOLD_FN, PPO_SETTINGS, learned_reward, sampled_replies
 
 LEARNED, GOLD = "learned", "gold"
 RUNS = {
@@ -39,7 +40,7 @@ RUNS = {
                                                      "reward_norm": False},
     "learned, no KL penalty, lr 3e-4": {"reward": LEARNED, "beta": 0.0, "lr": 3e-4},
 }  # fmt: skip
-COMMON = {**PPO_SETTINGS, "kl_horizon": 1000}  # the demo's PPO stage; each run sets beta, lr
+COMMON = {**PPO_SETTINGS, "kl_horizon": 1000}  # each run sets beta, lr
 SAMPLES = 4  # sampled replies per held-out prompt
 
 
@@ -67,28 +68,7 @@ def demo_run(demo: Path, name: str) -> Path:
 
 def reward_config(kind: str, reward_model: Path) -> dict:
     """The learned reward model, with the gold reward logged beside it at weight 0; or gold."""
-    gold = "posttrain.rollout.rewards:gold"
-    if kind == GOLD:
-        return {"fn": [gold]}
-    return {"model": str(reward_model), "fn": [gold], "weights": [0.0, 1.0]}  # fn first
-
-
-def sampled_replies(model, tok, rows: list[dict], samples: int, chunk: int = 16):
-    """(row, its `samples` replies at temperature 1) for each row; seeded, `chunk` prompts a call."""
-    import torch
-
-    from posttrain.evaluate.generate import pad_id, stop_token_ids
-    from posttrain.rollout.sampler import encode_prompts, sample
-
-    generator = torch.Generator().manual_seed(0)
-    for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk]
-        ids = encode_prompts(tok, [r["prompt"] for r in part])
-        texts = sample(model, [x for x in ids for _ in range(samples)], pad_token_id=pad_id(tok),
-                       eos_token_ids=stop_token_ids(tok), max_new_tokens=COMMON["max_new_tokens"],
-                       temperature=1.0, generator=generator).completions(tok)  # fmt: skip
-        for i, row in enumerate(part):
-            yield row, texts[i * samples : (i + 1) * samples]
+    return {"fn": [GOLD_FN]} if kind == GOLD else learned_reward(reward_model)
 
 
 def sampled_gold(model, tok, rows: list[dict], samples: int = SAMPLES) -> float:

@@ -38,33 +38,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import random
 import statistics
 from pathlib import Path
 
-from ppo import (
-    COMMON,
-    GOLD,
-    LEARNED,
-    demo_run,
-    evaluate,
-    fail,
-    reward_config,
-    rl_prompts,
-    sampled_replies,
-)
+from ppo import COMMON, GOLD, LEARNED, demo_run, evaluate, fail, reward_config, rl_prompts
+
+from posttrain.world.rlhf import prepare
 
 RANDOM = "random"
 SAMPLES = 16  # sampled replies per held-out prompt
-COMPARED = 4  # own samples per training prompt for the reward model's pairs
-SFT = {
-    "adapter": "full", "packing": False, "max_length": 512, "batch_size": 16, "epochs": 3,
-    "lr": 3e-4, "warmup": 0.0, "schedule": "constant", "log_every": 10, "offline": True, "seed": 0,
-}  # fmt: skip
-REWARD = {
-    "readout": "last", "batch_size": 16, "epochs": 4, "lr": 5e-4, "schedule": "constant",
-    "warmup": 0.0, "max_grad_norm": 0.0, "log_every": 10, "offline": True,
-}  # fmt: skip
 PPO = {**COMMON, "lr": 1e-4, "beta": 0.05}
 SEEDED = {
     "gold reward as the reward (oracle)": {"reward": GOLD},
@@ -78,24 +60,6 @@ ONCE = {
 METRICS = ("gold_greedy", "gold_sampled", "learned_greedy", "accuracy", "kl_to_sft", "kl_training")
 
 
-def write_mix(data: Path, path: Path, flawed: float = 0.0) -> None:
-    """The refusal demonstrations plus 600 of the SFT task chats, shuffled (seeded); a `flawed`
-    fraction of the answers (not the refusals) made rude or rambling, half each."""
-    from posttrain.world.pairs import rambling, rude
-
-    tasks = (data / "sft_train.jsonl").read_text().splitlines()
-    random.Random(0).shuffle(tasks)
-    rows = (data / "refusal_sft_train.jsonl").read_text().splitlines() + tasks[:600]
-    random.Random(1).shuffle(rows)
-    rng, out = random.Random(2), []
-    for row in map(json.loads, rows):
-        reply = row["messages"][-1]
-        if row.get("task") != "harmful" and rng.random() < flawed:
-            reply["content"] = (rude if rng.random() < 0.5 else rambling)(reply["content"], rng)
-        out.append(json.dumps(row))
-    path.write_text("\n".join(out) + "\n")
-
-
 def random_reward(prompts: list, completions: list[str], **_) -> list[float]:
     """A reward without signal: a standard normal drawn from a hash of each (prompt, reply)."""
     out = []
@@ -104,21 +68,6 @@ def random_reward(prompts: list, completions: list[str], **_) -> list[float]:
         u = (int.from_bytes(digest[:8], "big") + 0.5) / 2**64
         out.append(statistics.NormalDist().inv_cdf(u))
     return out
-
-
-def own_sample_pairs(model_path: str, rows: list[dict], k: int = COMPARED) -> list[dict]:
-    """Preference pairs from `k` sampled replies per prompt: best over worst by gold reward."""
-    from posttrain.modeling.inference import load_for_inference
-    from posttrain.world.gold import gold_reward
-
-    model, tok = load_for_inference(model_path)
-    pairs = []
-    for row, replies in sampled_replies(model, tok, rows, k, chunk=32):
-        scored = sorted((gold_reward(row["prompt"], t, row.get("answer")), t) for t in replies)
-        (low, worst), (high, best) = scored[0], scored[-1]
-        if high - low > 0.1:
-            pairs.append({"prompt": row["prompt"], "chosen": best, "rejected": worst})
-    return pairs
 
 
 def ppo_reward(kind: str, reward_model: Path) -> dict:
@@ -178,31 +127,16 @@ def main() -> None:
         fail("need 0 <= --flawed <= 1, --seeds >= 1 and --target-kl >= 0")
     from posttrain.rollout.rewards import RewardModel
     from posttrain.train.ppo import ppo
-    from posttrain.train.reward import reward
-    from posttrain.train.sft import sft
 
     demo = Path(args.demo)
     out = Path(args.out or "ppo-refusals-evidence" + ("-flawed" if args.flawed else ""))
     data, prompts = demo / "data", rl_prompts(demo / "data")
     out.mkdir(parents=True, exist_ok=True)
     same_settings(out, {"flawed": args.flawed, "target_kl": args.target_kl})
-    sft_run, reward_run, pairs = (
-        out / "sft_refusals",
-        out / "reward_own_samples",
-        out / "pairs.jsonl",
-    )
-    if not (sft_run / "final").is_dir():
-        write_mix(data, out / "sft_mix.jsonl", args.flawed)
-        sft({**SFT, "model": str(demo_run(demo, "sft")), "output_dir": str(sft_run),
-             "data": {"train": str(out / "sft_mix.jsonl")}})  # fmt: skip
-    if not (reward_run / "final").is_dir():
-        rows = [json.loads(line) for line in prompts.read_text().splitlines()]
-        own = own_sample_pairs(str(sft_run), rows)
-        print(f"{len(own)} pairs of the SFT model's own samples from {len(rows)} prompts")
-        world = (data / "preference_train.jsonl").read_text()
-        pairs.write_text(world + "".join(json.dumps(p) + "\n" for p in own))
-        reward({**REWARD, "model": str(sft_run), "output_dir": str(reward_run),
-                "data": {"train": str(pairs)}})  # fmt: skip
+    sft_run, reward_run = out / "sft_refusals", out / "reward_own_samples"
+    own = prepare(str(demo_run(demo, "sft")), data, sft_run, reward_run, args.flawed)
+    if own:
+        print(f"{own} pairs of the SFT model's own samples")
     scorer = RewardModel(str(reward_run))
     label = "SFT with flawed demonstrations" if args.flawed else "SFT with refusals"
     results = {label: [evaluate(str(sft_run), str(sft_run), data, scorer, SAMPLES)]}

@@ -54,11 +54,6 @@ GRPO_SETTINGS = {
     "reward": {"fn": ["posttrain.rollout.rewards:exact_answer"]}, "max_new_tokens": 12,
     "max_steps": 150, "lr": 1e-3, "warmup": 0.05, "beta": 0.0, "log_every": 10, "offline": True,
 }  # fmt: skip
-PPO_SETTINGS = {
-    "adapter": "lora", "lora": {"r": 16, "alpha": 32}, "batch_size": 16, "num_minibatches": 2,
-    "ppo_epochs": 2, "max_new_tokens": 24, "max_steps": 200, "lr": 1e-4, "beta": 0.2,
-    "target_kl": 0.0, "schedule": "constant", "warmup": 0.0, "log_every": 4, "offline": True,
-}  # fmt: skip
 
 
 @dataclass
@@ -182,17 +177,44 @@ def train_grpo(ctx: Context) -> str:
 
 
 def train_ppo(ctx: Context) -> str:
-    """PPO from the SFT run against the demo's reward model, on task, harmful and harmless
-    prompts, with the gold reward logged beside it (weight 0) to watch for reward hacking."""
+    """InstructGPT in small (`world/rlhf.py`): a full fine-tune of the SFT run on demonstrations
+    two thirds of which are rude or rambling, a reward model on comparisons of its own samples,
+    and PPO against that (the gold reward logged beside it at weight 0). From the demo's own SFT
+    model PPO has nothing to fix: it never samples a refusal (README, "PPO")."""
     from posttrain.train.ppo import ppo
+    from posttrain.world import rlhf
 
-    run = ctx.out / "runs" / "ppo"
-    reward = {"model": ctx.models["reward"], "fn": ["posttrain.rollout.rewards:gold"],
-              "weights": [0.0, 1.0]}  # fmt: skip
-    ppo({**PPO_SETTINGS, "model": ctx.models["sft"], "output_dir": str(run), "reward": reward,
+    runs = ctx.out / "runs"
+    sft_run, reward_run, run = runs / "sft_flawed", runs / "reward_own_samples", runs / "ppo"
+    rlhf.prepare(ctx.models["sft"], ctx.data, sft_run, reward_run, rlhf.FLAWED, ctx.quick)
+    ctx.models["sft_flawed"], ctx.models["reward_own_samples"] = str(sft_run), str(reward_run)
+    ppo({**rlhf.FLAWED_PPO, "model": str(sft_run), "output_dir": str(run),
+         "reward": rlhf.learned_reward(reward_run),
          "data": {"train": str(ctx.data / "rl_prompts_train.jsonl")},
          **({"max_steps": 20} if ctx.quick else {})})  # fmt: skip
     return str(run)
+
+
+def evaluate_ppo(ctx: Context, run: str) -> tuple[dict, dict]:
+    """The flawed-demonstration SFT model and PPO from it: gold reward (by kind of prompt) and
+    accuracy of each, PPO's KL per token to it on greedy replies and per reply in training."""
+    from posttrain.evaluate.kl import response_kl
+    from posttrain.evaluate.suite import read_rows
+    from posttrain.modeling.inference import load_for_inference
+
+    before, _ = evaluate_stage(ctx, ctx.models["sft_flawed"])
+    after, _ = evaluate_stage(ctx, run)
+    metrics = {f"{key}_{when}": numbers[key] for key in ("gold_reward", "gold_reward_by_task",
+               "accuracy") for when, numbers in (("before", before), ("after", after))}  # fmt: skip
+    model, tok = load_for_inference(run)
+    reference, _ = load_for_inference(ctx.models["sft_flawed"])
+    limit = 60 if ctx.quick else None
+    prompts = [r["prompt"] for name in GOLD_SETS for r in read_rows(ctx.data, name, limit)]
+    metrics["kl_to_sft"] = response_kl(model, reference, tok, prompts)["kl_per_token"]
+    logged = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    kls = [row["kl"] for row in logged if "kl" in row][-10:]
+    metrics["kl_per_reply_training"] = sum(kls) / len(kls)
+    return metrics, {}
 
 
 def evaluate_with_kl(ctx: Context, model_path: str) -> tuple[dict, dict]:
@@ -248,8 +270,12 @@ STAGES = (
     ),
     Stage("grpo", "GRPO from SFT (exact-answer reward)", train_grpo, evaluate_with_kl),
     Stage(
-        "ppo", "PPO from SFT against the reward model", train_ppo, evaluate_with_kl, "gold_reward"
-    ),
+        "ppo",
+        "PPO from flawed demonstrations against a reward model of its own samples",
+        train_ppo,
+        evaluate_ppo,
+        "gold_reward_after",
+    ),  # fmt: skip
     Stage(
         "abliterate",
         "Abliteration of the DPO model (refusal direction erased)",
@@ -361,6 +387,7 @@ def report(ctx, results: dict, completions: dict, seconds: dict, plots: dict) ->
         "SFT) on the model's own greedy replies to those prompts.",
     ]
     lines += reward_section(results, seconds)
+    lines += ppo_section(results, seconds)
     lines += abliteration_section(results, seconds)
     lines += ["", "## Completions (greedy, through the chat template)", ""]
     for prompt in PROMPTS:
@@ -388,6 +415,27 @@ def reward_section(results: dict, seconds: dict) -> list[str]:
     lines.append(
         f"| {r['pairwise_accuracy']:.3f} | " + " | ".join(by_pair) + f" | {seconds['reward']} |"
     )
+    return lines
+
+
+def ppo_section(results: dict, seconds: dict) -> list[str]:
+    """The SFT model of flawed demonstrations before and after PPO against its reward model."""
+    if "ppo" not in results:
+        return []
+    r = results["ppo"]
+    kinds = list(r["gold_reward_by_task_before"])
+    lines = ["", "## PPO: flawed demonstrations -> reward model of its own samples -> PPO", ""]
+    lines += ["| | gold reward | " + " | ".join(kinds) + " | accuracy |"]
+    lines += ["|" + "---|" * (len(kinds) + 3)]
+    for when, name in (("before", "SFT on flawed demonstrations"), ("after", "PPO")):
+        by_kind = [f"{r[f'gold_reward_by_task_{when}'][k]:+.2f}" for k in kinds]
+        lines.append(f"| {name} | {r[f'gold_reward_{when}']:+.3f} | " + " | ".join(by_kind)
+                     + f" | {r[f'accuracy_{when}']:.3f} |")  # fmt: skip
+    lines += ["", f"Two thirds of the SFT answers were rude or rambling; the reward model learned "
+              f"from the world's pairs plus gold-labelled pairs of the SFT model's own samples. "
+              f"PPO's KL per reply in training {r['kl_per_reply_training']:.2f} (target 2), KL per "
+              f"token to the SFT model on greedy replies {r['kl_to_sft']:.3f}; "
+              f"{seconds['ppo']} s (`posttrain/world/rlhf.py`)."]  # fmt: skip
     return lines
 
 

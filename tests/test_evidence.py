@@ -1,5 +1,6 @@
-"""The PPO, frontier and refusal-PPO evidence scripts' evaluation, tables, plot, data mix,
-own-sample pairs and random reward on a tiny random model and the world's data: their long runs
+"""The PPO, frontier and refusal-PPO evidence scripts' evaluation, tables, plot and random
+reward on a tiny random model and the world's data (their data mix and own-sample pairs live in
+`posttrain/world/rlhf.py`, tested in test_rlhf.py): their long runs
 are not tested (minutes to an hour), so this keeps the parts they share from drifting apart (the
 others import from ppo.py)."""
 
@@ -53,8 +54,6 @@ def test_evaluation_table_and_plot_run_on_a_tiny_model(scripts, tmp_path, capsys
         with pytest.raises(SystemExit) as stop:
             call()
         assert stop.value.code == 2 and message in capsys.readouterr().err
-    refusals.write_mix(data, tmp_path / "mix.jsonl")
-    assert len((tmp_path / "mix.jsonl").read_text().splitlines()) == 900 + 600
     ppo_runs = [{**after, "kl_training": 0.5}, {**after, "kl_training": 1.5}]
     lines = refusals.seed_table({"SFT": [before], "PPO": ppo_runs}).splitlines()
     assert lines[2].startswith("| SFT | 1 |") and lines[2].endswith("| - | - |")
@@ -62,44 +61,10 @@ def test_evaluation_table_and_plot_run_on_a_tiny_model(scripts, tmp_path, capsys
     assert lines[3].endswith("| 1.000 (0.500..1.500) |")
 
 
-def test_flawed_mix_makes_answers_rude_or_rambling_but_keeps_refusals(scripts, tmp_path):
-    from posttrain.world.gold import manners
-
-    refusals = scripts[2]
-    write_world_data(tmp_path / "data")
-    refusals.write_mix(tmp_path / "data", tmp_path / "clean.jsonl")
-    refusals.write_mix(tmp_path / "data", tmp_path / "flawed.jsonl", flawed=0.5)
-    clean, flawed = ([json.loads(x) for x in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
-                     for n in ("clean", "flawed"))  # fmt: skip
-    assert [r["messages"][0] for r in clean] == [r["messages"][0] for r in flawed]
-    changed = [(a, b) for a, b in zip(clean, flawed) if a["messages"] != b["messages"]]
-    answered = [r for r in clean if r.get("task") != "harmful"]
-    assert 0.4 < len(changed) / len(answered) < 0.6
-    assert all(a.get("task") != "harmful" for a, _ in changed)
-    rude = [b for _, b in changed if manners(b["messages"][-1]["content"]) < 0]
-    assert 0.3 < len(rude) / len(changed) < 0.7  # the rest ramble: longer than the answer
-    assert all(len(b["messages"][-1]["content"]) > len(a["messages"][-1]["content"])
-               for a, b in changed)  # fmt: skip
-
-
 def test_training_kl_averages_the_last_logged_steps(scripts, tmp_path):
     rows = [{"step": i, "kl": float(i)} for i in range(20)] + [{"step": 20, "eval_loss": 1.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert scripts[2].training_kl(tmp_path, last=4) == 17.5
-
-
-def test_own_sample_pairs_prefer_the_higher_gold_reward(scripts, tmp_path):
-    from posttrain.world.gold import gold_reward
-
-    refusals = scripts[2]
-    rows = [{"prompt": "What is 2 + 3?", "answer": "5"}, {"prompt": "How do I make poison?"}]
-    pairs = refusals.own_sample_pairs(save_tiny(tmp_path / "m"), rows * 4, k=4)
-    assert pairs  # replies of different lengths differ in the brevity term
-    for p in pairs:  # a random tiny model: whatever it samples, chosen beats rejected
-        row = next(r for r in rows if r["prompt"] == p["prompt"])
-        chosen, rejected = (gold_reward(row["prompt"], p[k], row.get("answer")) for k in
-                            ("chosen", "rejected"))  # fmt: skip
-        assert chosen > rejected + 0.1
 
 
 def test_random_reward_is_a_fixed_standard_normal_of_the_text(scripts):

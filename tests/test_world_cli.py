@@ -73,7 +73,8 @@ def test_quick_demo_sft_beats_the_base_model(tmp_path):
     ablated = results["abliterate"]
     assert ablated["refusal_rate_harmful_after"] <= ablated["refusal_rate_harmful_before"]
     assert results["dpo"]["kl_to_sft"] > 0 and "harmful" in results["dpo"]["gold_reward_by_task"]
-    assert results["ppo"]["kl_to_sft"] > 0 and results["grpo"]["kl_to_sft"] > 0  # they trained
+    ppo = results["ppo"]
+    assert ppo["kl_to_sft"] > 0 and results["grpo"]["kl_to_sft"] > 0  # they trained
     assert results["reward"]["pairwise_accuracy"] > 0.6  # chance is 0.5
     assert results["sft"]["accuracy"] > results["base"]["accuracy"] + 0.2
     assert set(results["sft"]["accuracy_by_task"]) == {
@@ -87,4 +88,6 @@ def test_quick_demo_sft_beats_the_base_model(tmp_path):
     assert "## Abliteration of the DPO model" in report
     assert (out / "runs" / "abliterate" / "scores.png").stat().st_size > 0  # linked from it
     assert (out / "plots" / "sft.png").stat().st_size > 0
-    assert "| ppo |" in report and (out / "plots" / "ppo.png").stat().st_size > 0
+    assert "## PPO: flawed demonstrations" in report and "| ppo |" not in report
+    assert (out / "plots" / "ppo.png").stat().st_size > 0
+    assert {"gold_reward_before", "gold_reward_after", "kl_per_reply_training"} <= set(ppo)
