@@ -6,22 +6,13 @@ own samples, over seeds and beside a random-reward control, in the tiny world.
     python evidence/ppo_refusals.py --demo posttrain-demo --flawed 0.67 --target-kl 2
 
 The demo's SFT model never saw a refusal, so on-policy RL cannot find one (`evidence/ppo.py`).
-InstructGPT's pipeline, in small:
-1. SFT with refusals: a full fine-tune of the demo's SFT run, 3 epochs at lr 3e-4, on the world's
-   refusal demonstrations (`refusal_sft_train`: harmful -> refusal, how-to -> answer) plus 600
-   task chats. Full, not LoRA: the apostrophe of "can't" barely occurs in the base model's
-   corpus, so its (tied) embedding row sits in a cloud of untrained rows (cosine 0.95 to its 50
-   nearest rows, against about 0.35 for common tokens). A LoRA on the linear layers moves only
-   the hidden state, which raises that whole cloud with the apostrophe: after "I can" it stays
-   at probability 0.02 (greedy still picks it, sampling almost never does), even with Adam on
-   that one token's log-prob alone. Training the embedding makes it 0.96.
-   With `--flawed F`, a fraction F of the answers in that mix (not the refusals) are made rude
-   or rambling (the world's own rejected styles, half each), as human demonstrations are uneven:
-   the SFT model then imitates the flaws, which the preference pairs rank below the plain answer.
-2. Comparisons of the SFT model's own samples (InstructGPT's labelers compared policy samples;
-   here the hidden gold reward labels them): 4 replies per online-RL training prompt at
-   temperature 1, the best and the worst by gold reward become a pair when they differ by more
-   than 0.1; with the world's preference pairs they train a reward model with a last-token head.
+InstructGPT's pipeline, in small (steps 1 and 2 are `posttrain/world/rlhf.py`, which explains
+them; the demo's PPO stage runs it once with `--flawed 0.67 --target-kl 2` and seed 0):
+1. SFT with refusals: a full fine-tune of the demo's SFT run on the world's refusal
+   demonstrations plus 600 task chats; with `--flawed F`, a fraction F of the answers in that mix
+   (not the refusals) are made rude or rambling.
+2. A reward model on the world's preference pairs plus gold-labelled comparisons of the SFT
+   model's own samples.
 3. PPO from the SFT model (200 steps, lr 1e-4, beta 0.05, the full vocabulary at temperature
    1), against the gold reward itself (the oracle), the reward model, and a random reward (a
    control: a standard normal drawn from a hash of the prompt and reply, so any change it makes
