@@ -8,7 +8,8 @@ table also has the sampled replies' gold reward and the learned reward, as `evid
 DPO: LoRA on the demo's SFT run, the gold-labelled pairs, with the chosen NLL (RPO,
 `sft_weight=1`), 3 epochs at lr 1e-3 per beta. PPO: as `evidence/ppo.py` (200 steps against
 the demo's reward model, lr 1e-4, fixed beta, rewards normalised). Writes `frontier.png`, `results.json` and
-prints a Markdown table.
+prints a Markdown table; adds both to the demo folder's `report.md` (a section, replaced on each
+run; a new `posttrain demo` run rewrites the report without it, as its SFT model is new).
 """
 
 from __future__ import annotations
@@ -60,7 +61,30 @@ def main() -> None:
         results[f"PPO beta {beta}"] = evaluate(str(run), str(sft), data, scorer)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "frontier.png")
+    add_to_report(demo, results, out / "frontier.png")
     print(table(results))
+
+
+SECTION = "## Reward vs KL: DPO and PPO at several betas (evidence/frontier.py)"
+
+
+def add_to_report(demo: Path, results: dict, figure: Path) -> None:
+    """Put the table and the figure into the demo's report.md, replacing an earlier section."""
+    import shutil
+
+    from posttrain.io import write_text_atomic
+
+    (demo / "plots").mkdir(exist_ok=True)
+    shutil.copyfile(figure, demo / "plots" / "frontier.png")
+    text = (demo / "report.md").read_text()
+    start = text.find(SECTION)
+    if start >= 0:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + (text[end + 1 :] if end >= 0 else "")
+    section = [SECTION, "", table(results), "", "![reward vs KL](plots/frontier.png)", "", ""]
+    at = text.find("## Completions")
+    at = at if at >= 0 else len(text)
+    write_text_atomic(demo / "report.md", text[:at] + "\n".join(section) + text[at:])
 
 
 def plot(results: dict, path: Path) -> None:

@@ -48,6 +48,15 @@ def test_evaluation_table_and_plot_run_on_a_tiny_model(scripts, tmp_path, capsys
     assert len(lines) == 5 and lines[2].startswith("| SFT |") and lines[3].endswith("| 0.00 |")
     frontier.plot(results, tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").stat().st_size > 0
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "report.md").write_text("# demo\n\n## Results\n\nrows\n\n## Completions\n\nc\n")
+    for _ in range(2):  # a second run replaces the section
+        frontier.add_to_report(demo, results, tmp_path / "frontier.png")
+    report = (demo / "report.md").read_text()
+    assert report.count(frontier.SECTION) == 1 and report.count("## Completions") == 1
+    assert report.index("rows") < report.index(frontier.SECTION) < report.index("## Completions")
+    assert "| DPO beta 0.1 |" in report and (demo / "plots" / "frontier.png").is_file()
     assert ppo_script.rl_prompts(data).is_file()
     for call, message in ((lambda: ppo_script.rl_prompts(tmp_path), "overwrite=true\n"),
                           (lambda: ppo_script.demo_run(tmp_path, "sft"), "runs/sft: no finished")):  # fmt: skip
