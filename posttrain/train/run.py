@@ -23,10 +23,12 @@ from posttrain.modeling.load import load_model
 from posttrain.train import checkpoint, dist
 from posttrain.train.loop import Job, Loop
 
-# Keys that change what is logged, evaluated or kept, never the weights: a resume may change them.
+# Keys that change what is logged, evaluated or kept, or which engine samples (online RL), never
+# what is trained or how: a resume may change them.
 RESUME_MAY_CHANGE = frozenset(
     ("output_dir", "log_every", "eval_every", "save_every", "keep_checkpoints", "report_to",
-     "offline", "data.eval", "data.eval_split", "gradient_checkpointing")
+     "offline", "data.eval", "data.eval_split", "gradient_checkpointing", "engine",
+     "vllm_gpu_memory")
 )  # fmt: skip
 
 
