@@ -8,6 +8,8 @@ and batching by pausing the engine while eight requests arrive.
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -269,6 +271,14 @@ def test_cli_args_env_key_and_vllm(world, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="vllm"):
             cli.serve(cli.parse_args([world["base"], "engine=vllm"]))
+    chain = Path(world["base"]).parent / "chain"  # an adapter trained on the alpha adapter
+    shutil.copytree(world["adapters"]["alpha"], chain)
+    config = json.loads((chain / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = world["adapters"]["alpha"]
+    (chain / "adapter_config.json").write_text(json.dumps(config))
+    for args in ([str(chain)], [world["base"], f"adapters.c={chain}"]):
+        with pytest.raises(UserError, match="adapter on another adapter.*posttrain merge"):
+            cli.vllm_command(cli.parse_args(args))
     with pytest.raises(UserError, match="adapter"):
         cli.load_served(
             cli.parse_args([world["adapters"]["alpha"], "adapters.b=" + world["adapters"]["beta"]])

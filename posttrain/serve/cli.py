@@ -119,6 +119,11 @@ def vllm_command(cfg: ServeConfig) -> list[str]:
     where = resolve_model_path(cfg.model)
     base = adapter_base(where)
     loras = {name: adapter_folder(name, path) for name, path in cfg.adapters.items()}
+    for adapter in ([where] if base else []) + list(loras.values()):
+        if adapter_base(adapter_base(adapter)):
+            raise UserError(f"engine=vllm: {adapter} is an adapter on another adapter; vLLM serves "
+                            "adapters on a full model: fold the first one in with `posttrain merge "
+                            "adapter=RUN output_dir=DIR`, or use engine=hf")  # fmt: skip
     if base:  # vLLM serves the adapter on its base under the model's name
         loras = {cfg.served_name(): where, **loras}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base or where]
