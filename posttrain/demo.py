@@ -202,8 +202,8 @@ def evaluate_ppo(ctx: Context, run: str) -> tuple[dict, dict]:
     from posttrain.evaluate.suite import read_rows
     from posttrain.modeling.inference import load_for_inference
 
-    before, _ = evaluate_stage(ctx, ctx.models["sft_flawed"])
-    after, _ = evaluate_stage(ctx, run)
+    before, replies_before = evaluate_stage(ctx, ctx.models["sft_flawed"])
+    after, replies_after = evaluate_stage(ctx, run)
     metrics = {f"{key}_{when}": numbers[key] for key in ("gold_reward", "gold_reward_by_task",
                "accuracy") for when, numbers in (("before", before), ("after", after))}  # fmt: skip
     model, tok = load_for_inference(run)
@@ -214,7 +214,7 @@ def evaluate_ppo(ctx: Context, run: str) -> tuple[dict, dict]:
     logged = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
     kls = [row["kl"] for row in logged if "kl" in row][-10:]
     metrics["kl_per_reply_training"] = sum(kls) / len(kls)
-    return metrics, {}
+    return metrics, {"before": replies_before["chat"], "after": replies_after["chat"]}
 
 
 def evaluate_with_kl(ctx: Context, model_path: str) -> tuple[dict, dict]:
@@ -387,7 +387,7 @@ def report(ctx, results: dict, completions: dict, seconds: dict, plots: dict) ->
         "SFT) on the model's own greedy replies to those prompts.",
     ]
     lines += reward_section(results, seconds)
-    lines += ppo_section(results, seconds)
+    lines += ppo_section(results, seconds, completions.get("ppo", {}))
     lines += abliteration_section(results, seconds)
     lines += ["", "## Completions (greedy, through the chat template)", ""]
     for prompt in PROMPTS:
@@ -418,8 +418,9 @@ def reward_section(results: dict, seconds: dict) -> list[str]:
     return lines
 
 
-def ppo_section(results: dict, seconds: dict) -> list[str]:
-    """The SFT model of flawed demonstrations before and after PPO against its reward model."""
+def ppo_section(results: dict, seconds: dict, replies: dict) -> list[str]:
+    """The SFT model of flawed demonstrations before and after PPO against its reward model,
+    with their greedy replies to the demo's first three prompts."""
     if "ppo" not in results:
         return []
     r = results["ppo"]
@@ -436,6 +437,10 @@ def ppo_section(results: dict, seconds: dict) -> list[str]:
               f"PPO's KL per reply in training {r['kl_per_reply_training']:.2f} (target 2), KL per "
               f"token to the SFT model on greedy replies {r['kl_to_sft']:.3f}; "
               f"{seconds['ppo']} s (`posttrain/world/rlhf.py`)."]  # fmt: skip
+    for prompt in PROMPTS[:3] if replies else ():
+        lines += ["", f"**{prompt}**"]
+        lines += [f"- {name}: `{one_line(replies[when][prompt])}`"
+                  for when, name in (("before", "SFT"), ("after", "PPO"))]  # fmt: skip
     return lines
 
 
