@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 
 from posttrain.config import load_config
+from posttrain.train.grpo import GRPOConfig
+from posttrain.train.ppo import PPOConfig
 from posttrain.train.reward import RewardConfig
 from posttrain.train.sft import SFTConfig
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
-CLASSES = {"sft": SFTConfig, "reward": RewardConfig}
+CLASSES = {"sft": SFTConfig, "reward": RewardConfig, "grpo": GRPOConfig, "ppo": PPOConfig}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
