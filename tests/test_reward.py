@@ -96,6 +96,14 @@ def test_reward_training_learns_the_pairs_and_saves_a_scorer(tiny_dir, tmp_path,
     assert json.loads(scored.read_text())["reward"] == pytest.approx(good, abs=1e-4)
 
 
+def test_a_causal_lm_is_not_taken_for_a_reward_model(tiny_dir, tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "Capital of France?", "completion": "Paris"}) + "\n")
+    assert main(["reward", "score", tiny_dir, f"data={rows}"]) == 2  # a random head would score
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "not a reward model" in err and "posttrain reward" in err
+
+
 def test_ranked_lists_train_and_resume_exactly(tiny_dir, tmp_path):
     data = write_pairs(tmp_path / "ranked.jsonl", ranked=True)
     full, half = tmp_path / "full", tmp_path / "half"

@@ -24,6 +24,7 @@ import json
 import sys
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -208,6 +209,22 @@ def reward(cfg: RewardConfig | dict) -> dict[str, float]:
 # ----------------------------------------------------------------------------- scoring
 
 
+def check_score_head(where: str) -> None:
+    """Refuse a local folder without a trained score head (a causal LM, an SFT adapter): loading
+    it as a sequence classifier would score with a freshly initialised, random head."""
+    folder = Path(where)
+    if (folder / "adapter_config.json").is_file():
+        ok = json.loads((folder / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+    elif (folder / "config.json").is_file():
+        names = json.loads((folder / "config.json").read_text()).get("architectures") or []
+        ok = any(name.endswith("ForSequenceClassification") for name in names)
+    else:
+        return  # a hub id: its config says what it is
+    if not ok:
+        raise UserError(f"{where}: not a reward model (no trained score head; it would score at "
+                        "random); train one with `posttrain reward`")  # fmt: skip
+
+
 def load_scorer(path: str):
     """(model, tokenizer) of a trained reward model: a full folder, an adapter, or a run (an
     adapter whose base is itself an adapter run, e.g. an SFT run, is merged down the chain)."""
@@ -220,6 +237,7 @@ def load_scorer(path: str):
     tokenizer = AutoTokenizer.from_pretrained(where)
     if loglik_reward.is_loglik_reward(where):
         return loglik_reward.load(where).eval(), tokenizer
+    check_score_head(where)
 
     def load_full(name: str) -> torch.nn.Module:
         return AutoModelForSequenceClassification.from_pretrained(
