@@ -28,6 +28,10 @@ def nan_on_second(prompts, completions, **_):
     return [0.0, math.nan, 1.0][: len(completions)]
 
 
+def no_kwargs(prompts, completions, answer):
+    return [float(c == a) for c, a in zip(completions, answer)]
+
+
 def test_load_function_and_bad_specs():
     assert R.load_function("posttrain.rollout.rewards:exact_answer") is R.exact_answer
     for bad, words in [
@@ -89,6 +93,17 @@ def test_combine_weights_and_truncation_penalty():
         R.build_sources(["posttrain.rollout.rewards:gold"], weights=[1.0, 2.0])
     with pytest.raises(UserError, match="reward.fn and/or reward.model"):
         R.build_sources()
+
+
+def test_functions_are_checked_against_the_data_columns_before_any_step():
+    exact, strict = "posttrain.rollout.rewards:exact_answer", "tests.test_rollout_rewards:no_kwargs"
+    assert R.build_sources([exact, strict], columns=["answer"])  # both fit
+    assert R.build_sources([exact], columns=["answer", "task"])  # **_ takes the rest
+    with pytest.raises(UserError, match=r"exact_answer needs the data column 'answer'.*task"):
+        R.build_sources([exact], columns=["task"])
+    with pytest.raises(UserError, match=r"no_kwargs does not take the data column 'task'.*kwargs"):
+        R.build_sources([strict], columns=["answer", "task"])
+    R.check_columns(max, "builtin", ["task"])  # no signature to read: left to the call
 
 
 def test_reward_model_source_matches_reward_score(tmp_path):

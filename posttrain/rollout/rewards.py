@@ -14,6 +14,8 @@ by name; take `**kwargs` to ignore the rest). Sources:
 - `combine`: a weighted sum of several sources, with each source's values kept for logging;
 - `truncation_penalty`: subtract a constant from completions cut off before EOS.
 
+Before the first step, each function's parameters are checked against the data's columns
+(`check_columns`: a column it requires is missing, or it takes neither a column nor **kwargs).
 Every value is checked (`call_reward_fn`): a function that raises, returns the wrong count, a
 non-number or NaN/inf stops the run with a UserError naming the source and the prompt index
 (0-based, within the batch); nothing is silently replaced by 0. To name the row of a function that
@@ -27,6 +29,7 @@ batch at a time with right padding.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -57,6 +60,25 @@ def load_function(spec: str, key: str = "reward.fn") -> RewardFn:
     if not callable(fn):
         raise UserError(f"{key}: module {module_name!r} has no function {attr!r}")
     return fn
+
+
+def check_columns(fn: RewardFn, name: str, columns: Sequence[str]) -> None:
+    """Before any sampling: every column `fn` requires is in the data, and `fn` accepts every
+    column (or takes **kwargs); otherwise a UserError naming both."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to read
+        return
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    needed = {p.name for p in params if p.default is p.empty and p.name in named}
+    missing = sorted(needed - {"prompts", "completions"} - set(columns))
+    if missing:
+        raise UserError(f"{name} needs the data column {missing[0]!r}, which data.train lacks "
+                        f"(columns: {', '.join(['prompt', *sorted(columns)])})")  # fmt: skip
+    unexpected = sorted(set(columns) - named)
+    if unexpected and not any(p.kind is p.VAR_KEYWORD for p in params):
+        raise UserError(f"{name} does not take the data column {unexpected[0]!r}; every column "
+                        "is passed by name: add **kwargs to ignore the rest")  # fmt: skip
 
 
 def call_reward_fn(
@@ -192,10 +214,14 @@ def build_sources(
     reward_model: str | None = None,
     weights: Sequence[float] | None = None,
     device: torch.device | str | None = None,
+    columns: Sequence[str] | None = None,
 ) -> list[RewardSource]:
     """Sources from config values: `module:function` specs, then the reward model if any;
-    `weights` in that order (default 1 each)."""
+    `weights` in that order (default 1 each). With the data's `columns` (all but `prompt`),
+    each function's parameters are checked against them first."""
     sources = [RewardSource(spec, load_function(spec)) for spec in functions]
+    for source in sources if columns is not None else ():
+        check_columns(source.fn, f"reward.fn {source.name}", columns)
     if reward_model:
         sources.append(RewardSource("reward_model", RewardModel(reward_model, device)))
     if not sources:

@@ -145,7 +145,8 @@ def prompts_and_rewards(cfg: OnlineConfig, tokenizer, device, need: int, what: s
         raise UserError(f"data.train: {len(examples)} prompts, fewer than one rollout batch "
                         f"({what} = {need})")  # fmt: skip
     weights = cfg.reward.weights or None
-    sources = build_sources(cfg.reward.fn, cfg.reward.model or None, weights, device)
+    sources = build_sources(cfg.reward.fn, cfg.reward.model or None, weights, device,
+                            columns=list(examples[0]["columns"]))  # fmt: skip
     return examples, sources
 
 
