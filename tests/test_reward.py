@@ -11,7 +11,9 @@ from transformers import AutoModelForSequenceClassification
 
 from posttrain.cli import main
 from posttrain.data.preference import tokenize_ranked
+from posttrain.errors import UserError
 from posttrain.losses.preference import bradley_terry
+from posttrain.modeling.inference import load_for_inference
 from posttrain.train.reward import collate_ranked, load_scorer, reward_loss, score
 from tests.tiny import save_tiny, tiny_tokenizer
 
@@ -73,7 +75,7 @@ def test_loss_is_bradley_terry_of_the_score_head(tiny_dir):
 
 
 @pytest.mark.parametrize("adapter", ["lora", "full"])
-def test_reward_training_learns_the_pairs_and_saves_a_scorer(tiny_dir, tmp_path, adapter):
+def test_reward_training_learns_the_pairs_and_saves_a_scorer(tiny_dir, tmp_path, adapter, capsys):
     data = write_pairs(tmp_path / "pairs.jsonl")
     out = tmp_path / "run"
     assert (
@@ -94,6 +96,12 @@ def test_reward_training_learns_the_pairs_and_saves_a_scorer(tiny_dir, tmp_path,
     rows.write_text(json.dumps({"prompt": "Capital of France?", "completion": "Paris"}) + "\n")
     assert main(["reward", "score", str(out), f"data={rows}", f"output={scored}"]) == 0
     assert json.loads(scored.read_text())["reward"] == pytest.approx(good, abs=1e-4)
+    with pytest.raises(UserError, match="is a reward model"):  # generation needs a causal LM
+        load_for_inference(str(out))
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "Paris is the capital of France."}) + "\n")
+    assert main(["sft", f"model={out}", f"data.train={text}", f"output_dir={tmp_path / 's'}"]) == 2
+    assert "is a reward model" in capsys.readouterr().err
 
 
 def test_a_causal_lm_is_not_taken_for_a_reward_model(tiny_dir, tmp_path, capsys):

@@ -16,7 +16,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.errors import UserError
-from posttrain.modeling.load import ensure_pad_token, merged_chain, model_folder
+from posttrain.modeling.load import (
+    ensure_pad_token,
+    merged_chain,
+    model_folder,
+    refuse_reward_model,
+)
 
 
 def resolve_model_path(path: str) -> str:
@@ -43,6 +48,7 @@ def adapter_base(where: str | Path) -> str | None:
 def load_for_inference(path: str, trust_remote_code: bool = False):
     """(model, tokenizer) ready for generation; adapters are merged into their base."""
     where = resolve_model_path(path)
+    refuse_reward_model(where)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}

@@ -111,6 +111,27 @@ def model_folder(name: str) -> tuple[str, str | None]:
     ] if config.is_file() else None
 
 
+def sequence_classifier(where: str) -> bool | None:
+    """True for a local reward model folder (a ...ForSequenceClassification model or a SEQ_CLS
+    adapter), False for another local model folder, None for anything else (a hub id)."""
+    folder = Path(where)
+    if (folder / "adapter_config.json").is_file():
+        return (
+            json.loads((folder / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+        )
+    if (folder / "config.json").is_file():
+        names = json.loads((folder / "config.json").read_text()).get("architectures") or []
+        return any(name.endswith("ForSequenceClassification") for name in names)
+    return None
+
+
+def refuse_reward_model(where: str) -> None:
+    """Loaded as a causal LM, a reward model would generate through a random output head."""
+    if sequence_classifier(where):
+        raise UserError(f"{where} is a reward model (a sequence classifier), not a causal LM; "
+                        "use the model it was trained from (score with `posttrain reward score`)")  # fmt: skip
+
+
 def merged_chain(where: str, load_full, depth: int = 0) -> torch.nn.Module:
     """The model at `where`: `load_full(where)` for a full model, else its adapter merged into
     its base, loaded the same way (so SFT -> DPO -> ... chains of adapter runs load).
@@ -182,6 +203,8 @@ def load_model(cfg: Any, tokenizer, auto_class=AutoModelForCausalLM) -> torch.nn
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     where, base = model_folder(cfg.model)
+    if auto_class is AutoModelForCausalLM:
+        refuse_reward_model(where)
     if base and cfg.adapter == "qlora":
         raise UserError(f"model: {where} is an adapter; merge it into a full model for QLoRA")
     if auto_class is not AutoModelForCausalLM:

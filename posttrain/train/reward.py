@@ -24,7 +24,6 @@ import json
 import sys
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -44,7 +43,7 @@ from posttrain.modeling.adapters import (
     trainable_state,
     trainable_summary,
 )
-from posttrain.modeling.load import load_model
+from posttrain.modeling.load import load_model, sequence_classifier
 from posttrain.modeling.loglik_reward import LoglikReward
 from posttrain.train import dist
 from posttrain.train.loop import Job
@@ -212,15 +211,7 @@ def reward(cfg: RewardConfig | dict) -> dict[str, float]:
 def check_score_head(where: str) -> None:
     """Refuse a local folder without a trained score head (a causal LM, an SFT adapter): loading
     it as a sequence classifier would score with a freshly initialised, random head."""
-    folder = Path(where)
-    if (folder / "adapter_config.json").is_file():
-        ok = json.loads((folder / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
-    elif (folder / "config.json").is_file():
-        names = json.loads((folder / "config.json").read_text()).get("architectures") or []
-        ok = any(name.endswith("ForSequenceClassification") for name in names)
-    else:
-        return  # a hub id: its config says what it is
-    if not ok:
+    if sequence_classifier(where) is False:
         raise UserError(f"{where}: not a reward model (no trained score head; it would score at "
                         "random); train one with `posttrain reward`")  # fmt: skip
 
