@@ -1,16 +1,13 @@
-"""Shared helpers for the benchmarks: synthetic chat data, a locally trained tokenizer, a
-Llama-shaped model from a config, step clocks and posttrain instrumentation, subprocess
-workers, memory readings, markdown cells and tables, and the README. (The harness of the
-posttrain-vs-TRL benchmarks, sft/dpo/grpo/ppo, is in versus.py.)
+"""Shared helpers for the benchmarks: step clocks and posttrain instrumentation, subprocess
+workers, memory readings, markdown cells and tables, and the README. (What they train on is
+built in fixtures.py; the harness of the posttrain-vs-TRL benchmarks, sft/dpo/grpo/ppo, is in
+versus.py, its report in versus_report.py.)
 
 Every benchmark compares posttrain with a peer on the same machine in the same run. Each
 trainer runs in its own fresh Python process (`run_worker`) so that its peak resident memory
 (`VmHWM` from /proc/self/status, read inside the worker) is its own, imports included, and no
 allocator state carries over between runs. Runs of the two sides alternate and results are
 summarised as medians with their min-max spread, since the machine may be shared.
-
-Nothing here downloads: the tokenizer is trained with `tokenizers` on the synthetic text and
-the model is built from a config with random weights.
 
 Simplified on purpose: Linux only (/proc), CPU timings only.
 """
@@ -20,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -29,29 +25,6 @@ from pathlib import Path
 from typing import Any
 
 README = Path(__file__).with_name("README.md")
-PAD, EOS = "<|pad|>", "<|im_end|>"
-SPECIALS = [PAD, "<|im_start|>", EOS]
-
-# ChatML, as posttrain renders it (the assistant mask is derived from prefix renders).
-CHATML = (
-    "{% for m in messages %}"
-    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-# The same rendering with `{% generation %}` markers around what is trained (the assistant
-# content and its <|im_end|>, not the newline after it), for peers that need the markers.
-CHATML_GENERATION = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\n' }}"
-    "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 # ----------------------------------------------------------------------------- machine
@@ -103,52 +76,6 @@ def proc_status_mib(key: str) -> float:
 # ----------------------------------------------------------------------------- data
 
 
-def make_words(n: int, seed: int = 0) -> list[str]:
-    """n distinct pronounceable made-up words."""
-    rng = random.Random(seed)
-    onsets = [*"bcdfghjklmnprstvwz", "br", "cl", "dr", "fl", "gr", "pl", "st", "tr"]
-    vowels = ["a", "e", "i", "o", "u", "ai", "ea", "oo", "ou"]
-    words: set[str] = set()
-    while len(words) < n:
-        syllables = rng.choice((1, 2, 2, 3))
-        words.add("".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(syllables)))
-    return sorted(words)
-
-
-def make_turn(rng: random.Random, words: list[str], max_words: int) -> tuple[str, str]:
-    """A (user, assistant) pair whose answer is a function of the question."""
-    k = rng.randint(2, max_words)
-    items = [rng.choice(words) for _ in range(k)]
-    listed = " ".join(items)
-    task = rng.randrange(4)
-    if task == 0:
-        return f"Reverse the words: {listed}", " ".join(reversed(items))
-    if task == 1:
-        return f"Sort the words: {listed}", " ".join(sorted(items))
-    if task == 2:
-        return f"Repeat each word twice: {listed}", " ".join(w + " " + w for w in items)
-    first = ", ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
-    return f"Number the words: {listed}", f"There are {k} words: {first}."
-
-
-def make_chats(n: int, seed: int, words: list[str], max_words: int = 24) -> list[dict]:
-    """n rows `{"messages": [...]}`: 1-3 turns, a system prompt on a third of them."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        messages = []
-        if rng.random() < 1 / 3:
-            messages.append({"role": "system", "content": "You are a careful word assistant."})
-        for _ in range(rng.choice((1, 1, 2, 3))):
-            user, assistant = make_turn(rng, words, max_words)
-            messages += [
-                {"role": "user", "content": user},
-                {"role": "assistant", "content": assistant},
-            ]
-        rows.append({"messages": messages})
-    return rows
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w") as f:
         for row in rows:
@@ -160,60 +87,6 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- model
-
-
-def train_tokenizer(texts: list[str], vocab_size: int, template: str = CHATML):
-    """A byte-level BPE trained on `texts`, eos <|im_end|>, pad <|pad|> (distinct ids)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
-    fast.chat_template = template
-    return fast
-
-
-def save_llama(
-    path: Path,
-    tokenizer,
-    hidden: int,
-    layers: int,
-    heads: int,
-    intermediate: int,
-    max_positions: int,
-    seed: int = 0,
-) -> int:
-    """Write a Llama-shaped model with random weights and `tokenizer` to `path`; returns its
-    parameter count."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- measuring

@@ -15,7 +15,7 @@ What is the same on both sides:
 - the model: Llama-shaped, random weights (fp32, sdpa, untied head), saved once and loaded by
   each side with `from_pretrained`; a byte-level BPE tokenizer trained here;
 - the data: synthetic preference pairs `{"prompt": [messages], "chosen": [assistant],
-  "rejected": [assistant]}`: word tasks (common.make_turn) after an optional system prompt and
+  "rejected": [assistant]}`: word tasks (fixtures.make_turn) after an optional system prompt and
   an optional earlier turn; chosen is the correct answer, rejected the same answer corrupted
   (two words swapped, one dropped or one replaced). The chat template is ChatML with the
   newline written between turns instead of after each: with plain ChatML TRL also trains the
@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import statistics
 import sys
 import tempfile
@@ -70,7 +69,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
+import fixtures
 import versus
+import versus_report
 
 HERE = Path(__file__).resolve()
 CONFIGS = {
@@ -123,50 +124,6 @@ QUICK = Setup(
 # ----------------------------------------------------------------------------- data
 
 
-def corrupt(rng: random.Random, answer: str, words: list[str]) -> str:
-    """The answer with two words swapped, one dropped or one replaced (never unchanged)."""
-    tokens = answer.split(" ")
-    while True:
-        out = list(tokens)
-        kind = rng.randrange(3)
-        i, j = rng.randrange(len(out)), rng.randrange(len(out))
-        if kind == 0:
-            out[i], out[j] = out[j], out[i]
-        elif kind == 1 and len(out) > 1:
-            del out[i]
-        else:
-            out[i] = rng.choice(words)
-        if out != tokens:
-            return " ".join(out)
-
-
-def make_pairs(n: int, seed: int, words: list[str], max_words: int) -> list[dict]:
-    """n rows {prompt: messages, chosen: [assistant], rejected: [assistant]}."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = []
-        if rng.random() < 1 / 3:
-            prompt.append({"role": "system", "content": "You are a careful word assistant."})
-        for _ in range(rng.choice((0, 0, 1))):
-            user, assistant = common.make_turn(rng, words, max_words)
-            prompt += [
-                {"role": "user", "content": user},
-                {"role": "assistant", "content": assistant},
-            ]
-        user, answer = common.make_turn(rng, words, max_words)
-        prompt.append({"role": "user", "content": user})
-        rejected = corrupt(rng, answer, words)
-        rows.append(
-            {
-                "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": answer}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-            }
-        )
-    return rows
-
-
 def pair_logps(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> list[list[float]]:
     """[chosen, rejected] summed log-probs of the trained tokens per example, from the model's
     own full logits in eval mode (the same function for both sides and the reference)."""
@@ -201,11 +158,11 @@ def prepare(work: Path, setup: Setup) -> dict:
     from posttrain.data.load import load_rows
     from posttrain.data.preference import tokenize_ranked
 
-    words = common.make_words(1500)
-    train = make_pairs(setup.train_rows, 1, words, setup.max_words)
-    holdout = make_pairs(setup.holdout_rows, 2, words, setup.max_words)
+    words = fixtures.make_words(1500)
+    train = fixtures.make_pairs(setup.train_rows, 1, words, setup.max_words)
+    holdout = fixtures.make_pairs(setup.holdout_rows, 2, words, setup.max_words)
     texts = [m["content"] for row in train for k in row for m in row[k]]
-    tokenizer = common.train_tokenizer(texts, setup.vocab, CHATML_DPO)
+    tokenizer = fixtures.train_tokenizer(texts, setup.vocab, CHATML_DPO)
     shared = versus.llama_spec(work, setup, tokenizer)
     common.write_jsonl(work / "train.jsonl", train)
     common.write_jsonl(work / "holdout.jsonl", holdout)
@@ -350,7 +307,7 @@ def main_table(results: dict, steps: int) -> str:
     headers = [
         "config",
         "trainer",
-        *versus.versus_headers("tokens/s", "tokens/CPU-s", "peak RSS MiB"),
+        *versus_report.versus_headers("tokens/s", "tokens/CPU-s", "peak RSS MiB"),
         "RSS at start MiB",
         "padding",
         "loss, step 1",
@@ -360,14 +317,14 @@ def main_table(results: dict, steps: int) -> str:
     ]
     keys = ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib")
     rows = []
-    for config, side, name, runs in versus.side_rows(results, CONFIGS):
+    for config, side, name, runs in versus_report.side_rows(results, CONFIGS):
         r = runs[side]
         rows.append([
             config,
             name,
-            *versus.versus_cells(runs, side, keys),
+            *versus_report.versus_cells(runs, side, keys),
             common.median_spread([x["rss_start_mib"] for x in r]),
-            versus.padding_cell(r),
+            versus_report.padding_cell(r),
             common.mean_sd([x["losses"][0] for x in r]),
             common.mean_sd([common.tail_mean(x["losses"]) for x in r]),
             common.mean_sd([x["heldout_loss"] for x in r]),
@@ -378,8 +335,8 @@ def main_table(results: dict, steps: int) -> str:
 
 def curve_table(results: dict, steps: int) -> str:
     marks = sorted({1, 2, 5, *range(10, steps + 1, 10), steps})
-    rows = versus.curve_rows(results, CONFIGS, str)
-    return versus.curve_table(rows, marks, "losses", 4)
+    rows = versus_report.curve_rows(results, CONFIGS, str)
+    return versus_report.curve_table(rows, marks, "losses", 4)
 
 
 def live_line(results: dict) -> str:
@@ -404,11 +361,11 @@ def live_line(results: dict) -> str:
 
 
 def parity_line(config: str, pair: dict) -> str:
-    first, last = versus.both(pair, "losses", 0, 6), versus.both(pair, "losses", -1)
+    first, last = versus_report.both(pair, "losses", 0, 6), versus_report.both(pair, "losses", -1)
     tokens = f"{pair['ours']['tokens']} vs {pair['trl']['tokens']}"
     return (
         f"- {config}: step 1 loss {first} (log 2 = {math.log(2):.6f}); "
-        f"{versus.loss_gap_text(pair)} (last: {last}); {versus.lr_and_heldout_text(pair)}; "
+        f"{versus_report.loss_gap_text(pair)} (last: {last}); {versus_report.lr_and_heldout_text(pair)}; "
         f"tokens credited over the timed steps {tokens}"
     )
 
@@ -416,7 +373,7 @@ def parity_line(config: str, pair: dict) -> str:
 def report(results, pairs, parity, shared, command, elapsed) -> str:
     s = shared
     same_curves = "\n".join(parity_line(c, pair) for c, pair in pairs.items())
-    return f"""{versus.report_header(results, s, command, elapsed)}
+    return f"""{versus_report.report_header(results, s, command, elapsed)}
 
 {versus.llama_text(s)} Configurations: `lora` = LoRA r={s["lora_r"]},
 alpha={s["lora_alpha"]:g}, dropout 0, every linear layer but the head, reference = the adapter
@@ -481,9 +438,9 @@ def run_pair(
 def describe(result: dict) -> str:
     """A worker's stderr progress line."""
     return (
-        f"{versus.speed_text(result)}, loss step 1 {result['losses'][0]:.5f}, "
+        f"{versus_report.speed_text(result)}, loss step 1 {result['losses'][0]:.5f}, "
         f"last {common.tail_mean(result['losses']):.4f}, held-out {result['heldout_loss']:.4f}, "
-        f"{versus.load_text(result)}"
+        f"{versus_report.load_text(result)}"
     )
 
 

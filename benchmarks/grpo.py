@@ -77,6 +77,7 @@ from types import SimpleNamespace
 
 import common
 import versus
+import versus_report
 
 HERE = Path(__file__).resolve()
 BASE = HERE.parent.parent / "posttrain" / "world" / "base"
@@ -366,7 +367,7 @@ def main_table(results: dict, betas) -> str:
         "beta",
         "trainer",
         "s/step",
-        *versus.versus_headers("step tokens/s", "tokens/CPU-s", "rollout tokens/s"),
+        *versus_report.versus_headers("step tokens/s", "tokens/CPU-s", "rollout tokens/s"),
         "generate / reward / reference / rest (s/step)",
         "peak RSS MiB",
         "RSS at start MiB",
@@ -375,7 +376,7 @@ def main_table(results: dict, betas) -> str:
     ]
     keys = ("tokens_per_s", "tokens_per_cpu_s", "rollout_tokens_per_s")
     rows = []
-    for beta, side, name, runs in versus.side_rows(results, betas):
+    for beta, side, name, runs in versus_report.side_rows(results, betas):
         r = runs[side]
         split = " / ".join(
             f"{statistics.median(x[f'{p}_s'] for x in r):.2f}" for p in (*PHASES, "other")
@@ -384,7 +385,7 @@ def main_table(results: dict, betas) -> str:
             f"{beta:g}",
             name,
             common.median_spread([x["step_s"] for x in r], "{:.2f}"),
-            *versus.versus_cells(runs, side, keys),
+            *versus_report.versus_cells(runs, side, keys),
             split,
             common.median_spread([x["peak_rss_mib"] for x in r]),
             common.median_spread([x["rss_start_mib"] for x in r]),
@@ -396,14 +397,14 @@ def main_table(results: dict, betas) -> str:
 
 def curve_table(results: dict, betas, steps: int) -> str:
     marks = sorted({1, 2, *range(4, steps + 1, 4), steps})
-    rows = versus.curve_rows(results, sorted(set(betas)), lambda beta: f"beta {beta:g}")
-    return versus.curve_table(rows, marks, "rewards", 3)
+    rows = versus_report.curve_rows(results, sorted(set(betas)), lambda beta: f"beta {beta:g}")
+    return versus_report.curve_table(rows, marks, "rewards", 3)
 
 
 def report(results: dict, parity: dict, shared: dict, command: str, elapsed: float) -> str:
     s = shared
     P, G = s["prompts_per_step"], s["num_generations"]
-    return f"""{versus.report_header(results, s, command, elapsed)}
+    return f"""{versus_report.report_header(results, s, command, elapsed)}
 
 Model: the tiny world's base (`posttrain/world/base`, Llama, 1.1M parameters, vocab 2048),
 LoRA r={s["lora_r"]}, alpha={s["lora_alpha"]:g}, dropout 0, every linear layer but the head.
@@ -457,7 +458,7 @@ def describe(result: dict) -> str:
         f"({result['tokens_per_cpu_s']:.0f}/CPU-s), rollout "
         f"{result['rollout_tokens_per_s']:.0f} tok/s, peak RSS "
         f"{result['peak_rss_mib']:.0f} MiB, length {result['completion_length']:.1f}, reward "
-        f"{statistics.fmean(result['rewards']):.3f}, {versus.load_text(result)}"
+        f"{statistics.fmean(result['rewards']):.3f}, {versus_report.load_text(result)}"
     )
 
 

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import common
 import versus
+import versus_report
 
 HERE = Path(__file__).resolve()
 BASE = HERE.parent.parent / "posttrain" / "world" / "base"
@@ -229,7 +230,7 @@ def trl_versions(python: str) -> str:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    headers = ["trainer", "s / rollout batch", *versus.versus_headers("completion tokens/s"),
+    headers = ["trainer", "s / rollout batch", *versus_report.versus_headers("completion tokens/s"),
                "tokens/CPU-s", "completion tokens / row", "peak RSS MiB"]  # fmt: skip
     rows = []
     for side, name in (("ours", "posttrain ppo"), ("trl", "TRL 1.12 PPOTrainer")):
@@ -238,7 +239,7 @@ def table(results: dict[str, list[dict]]) -> str:
         rows.append([
             name,
             common.median_spread([x["rollout_s"] for x in r], "{:.2f}"),
-            *versus.versus_cells(results, side, ("tokens_per_s",)),
+            *versus_report.versus_cells(results, side, ("tokens_per_s",)),
             common.median_spread([x["tokens_per_cpu_s"] for x in r]),
             f"{statistics.median(per_row):.1f}",
             common.median_spread([x["peak_rss_mib"] for x in r]),

@@ -56,7 +56,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
+import fixtures
 import versus
+import versus_report
 
 HERE = Path(__file__).resolve()
 
@@ -90,11 +92,11 @@ def prepare(work: Path, setup: Setup) -> dict:
     from posttrain.data.load import load_rows
     from posttrain.data.tokenize import tokenize_sft
 
-    words = common.make_words(1500)
-    train = common.make_chats(setup.train_rows, 1, words, setup.max_words)
-    holdout = common.make_chats(setup.holdout_rows, 2, words, setup.max_words)
+    words = fixtures.make_words(1500)
+    train = fixtures.make_chats(setup.train_rows, 1, words, setup.max_words)
+    holdout = fixtures.make_chats(setup.holdout_rows, 2, words, setup.max_words)
     texts = [m["content"] for row in train for m in row["messages"]]
-    tokenizer = common.train_tokenizer(texts, setup.vocab)
+    tokenizer = fixtures.train_tokenizer(texts, setup.vocab)
     shared = versus.llama_spec(work, setup, tokenizer)
     common.write_jsonl(work / "train.jsonl", train)
     common.write_jsonl(work / "holdout.jsonl", holdout)
@@ -119,7 +121,7 @@ def check_parity(shared: dict, work: Path) -> tuple[dict, list[int]]:
 
     tokenizer = AutoTokenizer.from_pretrained(shared["model"])
     ours, stats = tokenize_sft(load_rows(shared["train"]), tokenizer, shared["max_length"])
-    tokenizer.chat_template = common.CHATML_GENERATION
+    tokenizer.chat_template = fixtures.CHATML_GENERATION
     prepared = {
         packing: versus.trl_prepared(
             SFTTrainer,
@@ -185,7 +187,7 @@ def worker_trl(spec: dict) -> dict:
 
     clock = common.StepClock(spec["pad_id"])
     tokenizer, model = versus.trl_inputs(spec)
-    tokenizer.chat_template = common.CHATML_GENERATION
+    tokenizer.chat_template = fixtures.CHATML_GENERATION
     # unpacked: identical batches, posttrain's length-grouped order read in sequence
     args, lora = trl_config(spec), common.lora_config(spec)
     trainer = versus.train_trl(SFTTrainer, spec, clock, args, tokenizer, model, lora)
@@ -212,7 +214,7 @@ def main_table(results: dict, steps: int) -> str:
     headers = [
         "packing",
         "trainer",
-        *versus.versus_headers("tokens/s", "tokens/CPU-s"),
+        *versus_report.versus_headers("tokens/s", "tokens/CPU-s"),
         "peak RSS MiB",
         "RSS at start MiB",
         "padding",
@@ -220,15 +222,15 @@ def main_table(results: dict, steps: int) -> str:
         "held-out loss",
     ]
     rows = []
-    for packing, side, name, runs in versus.side_rows(results, (False, True)):
+    for packing, side, name, runs in versus_report.side_rows(results, (False, True)):
         r = runs[side]
         rows.append([
             "on" if packing else "off",
             name,
-            *versus.versus_cells(runs, side, ("tokens_per_s", "tokens_per_cpu_s")),
+            *versus_report.versus_cells(runs, side, ("tokens_per_s", "tokens_per_cpu_s")),
             common.median_spread([x["peak_rss_mib"] for x in r]),
             common.median_spread([x["rss_start_mib"] for x in r]),
-            versus.padding_cell(r),
+            versus_report.padding_cell(r),
             common.mean_sd([common.tail_mean(x["losses"]) for x in r]),
             common.mean_sd([x["heldout_loss"] for x in r]),
         ])  # fmt: skip
@@ -237,21 +239,23 @@ def main_table(results: dict, steps: int) -> str:
 
 def curve_table(results: dict, steps: int) -> str:
     marks = sorted({1, 2, 5, *range(10, steps + 1, 10), steps})
-    rows = versus.curve_rows(results, (False, True), lambda p: f"packing {'on' if p else 'off'}")
-    return versus.curve_table(rows, marks, "losses", 3)
+    rows = versus_report.curve_rows(
+        results, (False, True), lambda p: f"packing {'on' if p else 'off'}"
+    )
+    return versus_report.curve_table(rows, marks, "losses", 3)
 
 
 def parity_line(pair: dict) -> str:
-    first, last = versus.both(pair, "losses", 0), versus.both(pair, "losses", -1)
+    first, last = versus_report.both(pair, "losses", 0), versus_report.both(pair, "losses", -1)
     return (
-        f"{versus.loss_gap_text(pair)} (step 1: {first}; last: {last}); "
-        f"{versus.lr_and_heldout_text(pair)}"
+        f"{versus_report.loss_gap_text(pair)} (step 1: {first}; last: {last}); "
+        f"{versus_report.lr_and_heldout_text(pair)}"
     )
 
 
 def report(results, pair, parity, shared, command, elapsed) -> str:
     s = shared
-    return f"""{versus.report_header(results, s, command, elapsed)}
+    return f"""{versus_report.report_header(results, s, command, elapsed)}
 
 {versus.llama_text(s)} LoRA r={s["lora_r"]}, alpha={s["lora_alpha"]:g},
 dropout 0, every linear layer but the head. Data: {parity["examples"]} synthetic chats,
@@ -307,8 +311,8 @@ def run_pair(
 def describe(result: dict) -> str:
     """A worker's stderr progress line."""
     return (
-        f"{versus.speed_text(result)}, loss {common.tail_mean(result['losses']):.3f}, "
-        f"held-out {result['heldout_loss']:.3f}, {versus.load_text(result)}"
+        f"{versus_report.speed_text(result)}, loss {common.tail_mean(result['losses']):.3f}, "
+        f"held-out {result['heldout_loss']:.3f}, {versus_report.load_text(result)}"
     )
 
 
