@@ -166,10 +166,10 @@ def vllm_params(**settings) -> Any:
 class VllmEngine:
     """Samples for the training `model` with a vLLM engine, pushing its weights once a step."""
 
-    def __init__(self, cfg: Any, model: nn.Module, eos: Sequence[int], pad: int, llm=None,
+    def __init__(self, cfg: Any, model: nn.Module, eos: Sequence[int], pad: int,
                  params: Callable[..., Any] | None = None):  # fmt: skip
         self.cfg, self.model, self.eos, self.pad = cfg, model, list(eos), pad
-        self.llm = llm if llm is not None else start_llm(cfg)
+        self.llm = start_llm(cfg)
         self.params = params or vllm_params  # SamplingParams(**settings)
         self.pushed_at: int | None = None  # the optimizer step whose weights vLLM holds
 

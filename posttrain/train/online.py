@@ -21,8 +21,8 @@ a checkpoint keeps.
 - `make_sampler`: the rollout engine, `engine=hf` (`rollout/sampler.py` on the training model)
   or `engine=vllm` (`rollout/vllm_engine.py`, with the log-probs recomputed here).
 
-Simplified on purpose: FSDP and prompt/prefix tuning are not supported; eval during training is not offered (run
-`posttrain eval` on the run).
+Simplified on purpose: FSDP and prompt/prefix tuning are not supported; eval during training
+is not offered (run `posttrain eval` on the run).
 """
 
 from __future__ import annotations
@@ -200,11 +200,11 @@ def make_sampler(model, tokenizer, cfg: OnlineConfig) -> Sampler:
     return hf
 
 
-def vllm_sampler(model, cfg: OnlineConfig, eos: list[int], pad: int, **engine_args) -> Sampler:
+def vllm_sampler(model, cfg: OnlineConfig, eos: list[int], pad: int) -> Sampler:
     """vLLM samples the tokens; the training model recomputes their log-probs (ratio 1)."""
     from posttrain.rollout.vllm_engine import VllmEngine
 
-    engine = VllmEngine(cfg, model, eos, pad, **engine_args)
+    engine = VllmEngine(cfg, model, eos, pad)
 
     def vllm(prompt_ids: list, generator: torch.Generator, step: int) -> Rollout:
         r = engine.sample(prompt_ids, generator, step)
