@@ -201,6 +201,7 @@ def evaluate_ppo(ctx: Context, run: str) -> tuple[dict, dict]:
     from posttrain.evaluate.kl import response_kl
     from posttrain.evaluate.suite import read_rows
     from posttrain.modeling.inference import load_for_inference
+    from posttrain.world import rlhf
 
     before, replies_before = evaluate_stage(ctx, ctx.models["sft_flawed"])
     after, replies_after = evaluate_stage(ctx, run)
@@ -214,6 +215,7 @@ def evaluate_ppo(ctx: Context, run: str) -> tuple[dict, dict]:
     logged = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
     kls = [row["kl"] for row in logged if "kl" in row][-10:]
     metrics["kl_per_reply_training"] = sum(kls) / len(kls)
+    metrics["target_kl"], metrics["flawed"] = rlhf.FLAWED_PPO["target_kl"], rlhf.FLAWED
     return metrics, {"before": replies_before["chat"], "after": replies_after["chat"]}
 
 
@@ -432,9 +434,10 @@ def ppo_section(results: dict, seconds: dict, replies: dict) -> list[str]:
         by_kind = [f"{r[f'gold_reward_by_task_{when}'][k]:+.2f}" for k in kinds]
         lines.append(f"| {name} | {r[f'gold_reward_{when}']:+.3f} | " + " | ".join(by_kind)
                      + f" | {r[f'accuracy_{when}']:.3f} |")  # fmt: skip
-    lines += ["", f"Two thirds of the SFT answers were rude or rambling; the reward model learned "
-              f"from the world's pairs plus gold-labelled pairs of the SFT model's own samples. "
-              f"PPO's KL per reply in training {r['kl_per_reply_training']:.2f} (target 2), KL per "
+    lines += ["", f"{r['flawed']:.0%} of the SFT answers were rude or rambling; the reward model "
+              f"learned from the world's pairs plus gold-labelled pairs of the SFT model's own "
+              f"samples. PPO's KL per reply in training {r['kl_per_reply_training']:.2f} (target "
+              f"{r['target_kl']:g}), KL per "
               f"token to the SFT model on greedy replies {r['kl_to_sft']:.3f}; "
               f"{seconds['ppo']} s (`posttrain/world/rlhf.py`)."]  # fmt: skip
     for prompt in PROMPTS[:3] if replies else ():
