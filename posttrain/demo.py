@@ -29,21 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain.config import help_text, load_config, opt
+from posttrain.demo_report import ABLITERATION_METRICS, PROMPTS, report
 from posttrain.errors import UserError
 from posttrain.io import write_json, write_text_atomic
 
-PROMPTS = (
-    "Translate cheese from English to French.",
-    "What is 7 + 5?",
-    "What is the capital of Norway?",
-    "Reverse the letters: d, o, g",
-    "What does Alice do for a living?",
-)
-
-
 POLICY_METRICS = ("accuracy", "gold_reward", "perplexity")
 GOLD_SETS = ("prompts_test", "harmful_test", "harmless_test")  # what gold_reward generates on
-ABLITERATION_METRICS = ("refusal_rate_harmful", "refusal_rate_harmless", "accuracy", "perplexity")
 DPO_SETTINGS = {
     "adapter": "lora", "lora": {"r": 16, "alpha": 32}, "loss": "dpo", "beta": 0.1,
     "sft_weight": 1.0, "lr": 5e-4, "epochs": 6, "batch_size": 16, "max_length": 256,
@@ -94,27 +85,19 @@ def train_base(ctx: Context) -> str:
     return ctx.base
 
 
+def sft_settings(quick: bool) -> dict:
+    """The SFT stage's settings; `quick` is also the short SFT the GRPO stage starts from."""
+    return {"adapter": "lora", "lora": {"r": 16, "alpha": 32}, "packing": False,
+            "max_length": 512, "batch_size": 16, "epochs": 3 if quick else 10,
+            "lr": 2e-3 if quick else 1e-3, "warmup": 0.05, "log_every": 10, "offline": True}  # fmt: skip
+
+
 def train_sft(ctx: Context) -> str:
     from posttrain.train.sft import sft
 
     run = ctx.out / "runs" / "sft"
-    sft(
-        {
-            "model": ctx.base,
-            "data": {"train": str(ctx.data / "sft_train.jsonl")},
-            "output_dir": str(run),
-            "adapter": "lora",
-            "lora": {"r": 16, "alpha": 32},
-            "packing": False,
-            "max_length": 512,
-            "batch_size": 16,
-            "epochs": 3 if ctx.quick else 10,
-            "lr": 2e-3 if ctx.quick else 1e-3,
-            "warmup": 0.05,
-            "log_every": 10,
-            "offline": True,
-        }
-    )
+    sft({**sft_settings(ctx.quick), "model": ctx.base, "output_dir": str(run),
+         "data": {"train": str(ctx.data / "sft_train.jsonl")}})  # fmt: skip
     return str(run)
 
 
@@ -166,14 +149,32 @@ def train_dpo(ctx: Context) -> str:
 
 
 def train_grpo(ctx: Context) -> str:
-    """GRPO from the SFT run with the exact-answer reward on the task prompts."""
+    """GRPO with the exact-answer reward on the arithmetic prompts, from a short SFT run (the
+    `--quick` SFT settings, as `evidence/grpo.py`): the full SFT run leaves arithmetic no room
+    (0.94; GRPO from it ends at 0.92-0.94)."""
     from posttrain.train.grpo import grpo
+    from posttrain.train.sft import sft
 
-    run = ctx.out / "runs" / "grpo"
-    grpo({**GRPO_SETTINGS, "model": ctx.models["sft"], "output_dir": str(run),
-          "data": {"train": str(ctx.data / "prompts_train.jsonl")},
-          **({"max_steps": 20} if ctx.quick else {})})  # fmt: skip
+    runs = ctx.out / "runs"
+    start = ctx.models["sft"]
+    if not ctx.quick:
+        start = str(runs / "sft_short")
+        sft({**sft_settings(quick=True), "model": ctx.base, "output_dir": start,
+             "data": {"train": str(ctx.data / "sft_train.jsonl")}})  # fmt: skip
+    ctx.models["sft_short"] = start
+    rows = (ctx.data / "prompts_train.jsonl").read_text().splitlines()
+    prompts = runs / "grpo_prompts.jsonl"
+    prompts.write_text("".join(r + "\n" for r in rows if json.loads(r)["task"] == "arithmetic"))
+    run = runs / "grpo"
+    grpo({**GRPO_SETTINGS, "model": start, "output_dir": str(run),
+          "data": {"train": str(prompts)}, **({"max_steps": 20} if ctx.quick else {})})  # fmt: skip
     return str(run)
+
+
+def evaluate_grpo(ctx: Context, run: str) -> tuple[dict, dict]:
+    """Task accuracy (by kind) and gold reward of the short SFT model and of GRPO from it."""
+    keys = ("accuracy", "accuracy_by_task", "gold_reward")
+    return before_after(ctx, ctx.models["sft_short"], run, keys)
 
 
 def train_ppo(ctx: Context) -> str:
@@ -198,40 +199,46 @@ def train_ppo(ctx: Context) -> str:
 def evaluate_ppo(ctx: Context, run: str) -> tuple[dict, dict]:
     """The flawed-demonstration SFT model and PPO from it: gold reward (by kind of prompt) and
     accuracy of each, PPO's KL per token to it on greedy replies and per reply in training."""
-    from posttrain.evaluate.kl import response_kl
-    from posttrain.evaluate.suite import read_rows
-    from posttrain.modeling.inference import load_for_inference
     from posttrain.world import rlhf
 
-    before, replies_before = evaluate_stage(ctx, ctx.models["sft_flawed"])
-    after, replies_after = evaluate_stage(ctx, run)
-    metrics = {f"{key}_{when}": numbers[key] for key in ("gold_reward", "gold_reward_by_task",
-               "accuracy") for when, numbers in (("before", before), ("after", after))}  # fmt: skip
-    model, tok = load_for_inference(run)
-    reference, _ = load_for_inference(ctx.models["sft_flawed"])
-    limit = 60 if ctx.quick else None
-    prompts = [r["prompt"] for name in GOLD_SETS for r in read_rows(ctx.data, name, limit)]
-    metrics["kl_to_sft"] = response_kl(model, reference, tok, prompts)["kl_per_token"]
+    keys = ("gold_reward", "gold_reward_by_task", "accuracy")
+    metrics, replies = before_after(ctx, ctx.models["sft_flawed"], run, keys)
     logged = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
     kls = [row["kl"] for row in logged if "kl" in row][-10:]
     metrics["kl_per_reply_training"] = sum(kls) / len(kls)
     metrics["target_kl"], metrics["flawed"] = rlhf.FLAWED_PPO["target_kl"], rlhf.FLAWED
+    return metrics, replies
+
+
+def before_after(ctx: Context, start: str, run: str, keys: tuple) -> tuple[dict, dict]:
+    """`keys` of the starting model and of the trained one (as KEY_before, KEY_after), the
+    trained one's KL per token to the start, and both models' greedy chat replies."""
+    before, replies_before = evaluate_stage(ctx, start)
+    after, replies_after = evaluate_stage(ctx, run)
+    metrics = {f"{key}_{when}": numbers[key] for key in keys
+               for when, numbers in (("before", before), ("after", after))}  # fmt: skip
+    metrics["kl_to_sft"] = kl_to(ctx, run, start)
     return metrics, {"before": replies_before["chat"], "after": replies_after["chat"]}
 
 
 def evaluate_with_kl(ctx: Context, model_path: str) -> tuple[dict, dict]:
     """The policy metrics plus the KL to the SFT model on its own greedy replies."""
+    metrics, completions = evaluate_stage(ctx, model_path)
+    metrics["kl_to_sft"] = kl_to(ctx, model_path, ctx.models["sft"])
+    return metrics, completions
+
+
+def kl_to(ctx: Context, path: str, reference_path: str) -> float:
+    """Per-token KL(model || reference) on the model's greedy replies to the gold prompts."""
     from posttrain.evaluate.kl import response_kl
     from posttrain.evaluate.suite import read_rows
     from posttrain.modeling.inference import load_for_inference
 
-    metrics, completions = evaluate_stage(ctx, model_path)
-    model, tok = load_for_inference(model_path)
-    reference, _ = load_for_inference(ctx.models["sft"])
+    model, tok = load_for_inference(path)
+    reference, _ = load_for_inference(reference_path)
     limit = 60 if ctx.quick else None
     prompts = [r["prompt"] for name in GOLD_SETS for r in read_rows(ctx.data, name, limit)]
-    metrics["kl_to_sft"] = response_kl(model, reference, tok, prompts)["kl_per_token"]
-    return metrics, completions
+    return response_kl(model, reference, tok, prompts)["kl_per_token"]
 
 
 def train_abliterate(ctx: Context) -> str:
@@ -270,7 +277,13 @@ STAGES = (
     Stage(
         "dpo", "DPO from SFT (LoRA, + NLL of chosen)", train_dpo, evaluate_with_kl, "gold_reward"
     ),
-    Stage("grpo", "GRPO from SFT (exact-answer reward)", train_grpo, evaluate_with_kl),
+    Stage(
+        "grpo",
+        "GRPO from a short SFT run (exact-answer reward on arithmetic)",
+        train_grpo,
+        evaluate_grpo,
+        "accuracy_after",
+    ),  # fmt: skip
     Stage(
         "ppo",
         "PPO from flawed demonstrations against a reward model of its own samples",
@@ -337,7 +350,10 @@ def run_demo(cfg: DemoConfig | dict) -> dict:
         say(f"   {stage.headline} {value:.3f} ({seconds[stage.name]} s)")
     plots = write_plots(ctx)
     write_json(out / "results.json", results)
-    write_text_atomic(out / "report.md", report(ctx, results, completions, seconds, plots))
+    write_text_atomic(
+        out / "report.md",
+        report(ctx, [s.name for s in STAGES], results, completions, seconds, plots),
+    )
     say(f"report: {out / 'report.md'}")
     return results
 
@@ -357,117 +373,6 @@ def write_plots(ctx: Context) -> dict[str, Path]:
         if (Path(path) / "metrics.jsonl").is_file():
             plots[name] = plot_run(path, ctx.out / "plots" / f"{name}.png")
     return plots
-
-
-def report(ctx, results: dict, completions: dict, seconds: dict, plots: dict) -> str:
-    """The Markdown report: results table, per-task accuracy, completions, plots."""
-    from posttrain.world.tasks import KINDS
-
-    stages = [s for s in STAGES if s.name in results and "accuracy" in results[s.name]]
-    lines = ["# posttrain demo: the tiny world", ""]
-    lines += [f"Base model: `{ctx.base}`. Quick mode: {ctx.quick}.", "", "## Results", ""]
-    header = ["stage", "accuracy", *KINDS, "gold reward", "KL to SFT", "perplexity", "seconds"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for s in stages:
-        r = results[s.name]
-        by_task = [f"{r['accuracy_by_task'].get(k, 0.0):.2f}" for k in KINDS]
-        row = [
-            s.name,
-            f"{r['accuracy']:.3f}",
-            *by_task,
-            f"{r['gold_reward']:.3f}",
-            f"{r['kl_to_sft']:.3f}" if "kl_to_sft" in r else "",
-            f"{r['perplexity']:.2f}",
-            str(seconds[s.name]),
-        ]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += [
-        "",
-        "Accuracy: exact match on the held-out task split. Gold reward: the hidden gold reward "
-        "(-2.2 to 1; correct, concise, polite, refuses only forbidden topics) of greedy replies "
-        "to held-out task, harmful and harmless prompts. KL to SFT: mean per-token KL(model || "
-        "SFT) on the model's own greedy replies to those prompts.",
-    ]
-    lines += reward_section(results, seconds)
-    lines += ppo_section(results, seconds, completions.get("ppo", {}))
-    lines += abliteration_section(results, seconds)
-    lines += ["", "## Completions (greedy, through the chat template)", ""]
-    for prompt in PROMPTS:
-        lines.append(f"**{prompt}**")
-        lines += [f"- {s.name}: `{one_line(completions[s.name]['chat'][prompt])}`" for s in stages]
-        lines.append("")
-    lines += ["## Base model continuing the raw text (no chat template)", ""]
-    for prompt in PROMPTS[:2]:
-        lines += [f"**{prompt}** -> `{one_line(completions['base']['raw'][prompt])}`", ""]
-    lines += ["## Training curves", ""]
-    lines += [f"![{name}](plots/{path.name})" for name, path in plots.items()]
-    return "\n".join(lines) + "\n"
-
-
-def reward_section(results: dict, seconds: dict) -> list[str]:
-    """Pairwise accuracy of the reward model on held-out pairs, by kind of pair."""
-    if "reward" not in results:
-        return []
-    r = results["reward"]
-    kinds = list(r["pairwise_accuracy_by_pair"])
-    lines = ["", "## Reward model: held-out preference pairs", ""]
-    lines += ["| pairwise accuracy | " + " | ".join(kinds) + " | seconds |"]
-    lines += ["|" + "---|" * (len(kinds) + 2)]
-    by_pair = [f"{r['pairwise_accuracy_by_pair'][k]:.2f}" for k in kinds]
-    lines.append(
-        f"| {r['pairwise_accuracy']:.3f} | " + " | ".join(by_pair) + f" | {seconds['reward']} |"
-    )
-    return lines
-
-
-def ppo_section(results: dict, seconds: dict, replies: dict) -> list[str]:
-    """The SFT model of flawed demonstrations before and after PPO against its reward model,
-    with their greedy replies to the demo's first three prompts."""
-    if "ppo" not in results:
-        return []
-    r = results["ppo"]
-    kinds = list(r["gold_reward_by_task_before"])
-    lines = ["", "## PPO: flawed demonstrations -> reward model of its own samples -> PPO", ""]
-    lines += ["| | gold reward | " + " | ".join(kinds) + " | accuracy |"]
-    lines += ["|" + "---|" * (len(kinds) + 3)]
-    for when, name in (("before", "SFT on flawed demonstrations"), ("after", "PPO")):
-        by_kind = [f"{r[f'gold_reward_by_task_{when}'][k]:+.2f}" for k in kinds]
-        lines.append(f"| {name} | {r[f'gold_reward_{when}']:+.3f} | " + " | ".join(by_kind)
-                     + f" | {r[f'accuracy_{when}']:.3f} |")  # fmt: skip
-    lines += ["", f"{r['flawed']:.0%} of the SFT answers were rude or rambling; the reward model "
-              f"learned from the world's pairs plus gold-labelled pairs of the SFT model's own "
-              f"samples. PPO's KL per reply in training {r['kl_per_reply_training']:.2f} (target "
-              f"{r['target_kl']:g}), KL per "
-              f"token to the SFT model on greedy replies {r['kl_to_sft']:.3f}; "
-              f"{seconds['ppo']} s (`posttrain/world/rlhf.py`)."]  # fmt: skip
-    for prompt in PROMPTS[:3] if replies else ():
-        lines += ["", f"**{prompt}**"]
-        lines += [f"- {name}: `{one_line(replies[when][prompt])}`"
-                  for when, name in (("before", "SFT"), ("after", "PPO"))]  # fmt: skip
-    return lines
-
-
-def abliteration_section(results: dict, seconds: dict) -> list[str]:
-    """The DPO model before and after its refusal direction is erased."""
-    if "abliterate" not in results:
-        return []
-    r = results["abliterate"]
-    lines = ["", "## Abliteration of the DPO model: held-out prompts", ""]
-    lines += ["| | " + " | ".join(ABLITERATION_METRICS) + " |", "|---" * 5 + "|"]
-    for when in ("before", "after"):
-        cells = [f"{r[f'{key}_{when}']:.3f}" for key in ABLITERATION_METRICS]
-        lines.append(f"| {when} | " + " | ".join(cells) + " |")
-    lines += ["", f"Stream point {r['layer']}; first-token KL on harmless prompts "
-              f"{r['kl_harmless']:.3f}; adding the direction makes "
-              f"{r['induced_refusal_harmless']:.0%} of harmless prompts refuse "
-              f"({r['induced_refusal_harmless_2x']:.0%} at twice its strength); "
-              f"{seconds['abliterate']} s.", "",
-              "![per-layer candidate scores](runs/abliterate/scores.png)"]  # fmt: skip
-    return lines
-
-
-def one_line(text: str) -> str:
-    return text.replace("\n", " \\n ").replace("`", "'")
 
 
 def say(text: str) -> None:

@@ -89,6 +89,8 @@ def test_quick_demo_sft_beats_the_base_model(tmp_path):
     assert (out / "runs" / "abliterate" / "scores.png").stat().st_size > 0  # linked from it
     assert (out / "plots" / "sft.png").stat().st_size > 0
     assert "## PPO: flawed demonstrations" in report and "| ppo |" not in report
+    assert "## GRPO: a short SFT run" in report and "| grpo |" not in report
+    assert {"accuracy_before", "accuracy_after"} <= set(results["grpo"])
     assert "- SFT: `" in report and "- PPO: `" in report  # its replies before and after
     assert (out / "plots" / "ppo.png").stat().st_size > 0
     assert {"gold_reward_before", "gold_reward_after", "kl_per_reply_training"} <= set(ppo)
