@@ -3,10 +3,11 @@
 Loads the shipped base model, writes the world's datasets, then runs each stage in
 `STAGES` in order: a stage trains (or not) and names the model it produced; the demo
 evaluates every policy model on the same test split and shows its completions of the same
-prompts (a stage with its own `evaluate`, like the reward model, reports its own numbers),
-and writes the report folder:
+prompts (a stage with its own `evaluate`, like the reward model, reports its own numbers;
+GRPO and PPO report before and after from where their method has something to fix), and writes
+the report folder (`demo_report.py`):
 
-    DIR/report.md       results table and example completions, stage by stage
+    DIR/report.md       results table, sections and example completions, stage by stage
     DIR/results.json    every number of the report: {stage: {metric: value}}
     DIR/plots/*.png     training curves of each trained stage
     DIR/runs/<stage>/   the run directories (adapters, metrics.jsonl, config.yaml)
@@ -15,7 +16,7 @@ and writes the report folder:
 A new stage is one `Stage(name, title, train)` line plus its `train` function, which
 takes the demo context and returns the model folder or run directory it produced (and an
 `evaluate` function when the model is not a chat policy).
-`--quick` trains and evaluates less (3-4 minutes; DPO runs 30 steps, GRPO and PPO 20); the
+`--quick` trains and evaluates less (1-4 minutes; DPO runs 30 steps, GRPO and PPO 20); the
 tests run it.
 """
 
