@@ -89,25 +89,14 @@ def grpo_section(results: dict, seconds: dict, replies: dict) -> list[str]:
     if "grpo" not in results:
         return []
     r = results["grpo"]
+    columns = [("accuracy", "accuracy", None, ".3f"),
+               *[(k, "accuracy_by_task", k, ".2f") for k in KINDS],
+               ("gold reward", "gold_reward", None, "+.3f")]  # fmt: skip
     lines = ["", "## GRPO: a short SFT run -> GRPO on arithmetic (exact-answer reward)", ""]
-    lines += ["| | accuracy | " + " | ".join(KINDS) + " | gold reward |"]
-    lines += ["|" + "---|" * (len(KINDS) + 3)]
-    for when, name in (("before", "short SFT"), ("after", "GRPO")):
-        by_kind = [f"{r[f'accuracy_by_task_{when}'].get(k, 0.0):.2f}" for k in KINDS]
-        lines.append(f"| {name} | {r[f'accuracy_{when}']:.3f} | " + " | ".join(by_kind)
-                     + f" | {r[f'gold_reward_{when}']:+.3f} |")  # fmt: skip
+    lines += before_after_table(r, ("short SFT", "GRPO"), columns)
     lines += ["", f"KL per token to the short SFT model on greedy replies {r['kl_to_sft']:.3f}; "
               f"{seconds['grpo']} s. The full SFT run leaves arithmetic no room (see Results)."]  # fmt: skip
-    return lines + replies_lines(replies, (("before", "SFT"), ("after", "GRPO")), PROMPTS[1:2])
-
-
-def replies_lines(replies: dict, names: tuple, prompts) -> list[str]:
-    """Each prompt with the greedy replies of the models before and after."""
-    lines = []
-    for prompt in prompts if replies else ():
-        lines += ["", f"**{prompt}**"]
-        lines += [f"- {name}: `{one_line(replies[when][prompt])}`" for when, name in names]
-    return lines
+    return lines + replies_lines(replies, ("SFT", "GRPO"), PROMPTS[1:2])
 
 
 def ppo_section(results: dict, seconds: dict, replies: dict) -> list[str]:
@@ -116,21 +105,40 @@ def ppo_section(results: dict, seconds: dict, replies: dict) -> list[str]:
     if "ppo" not in results:
         return []
     r = results["ppo"]
-    kinds = list(r["gold_reward_by_task_before"])
+    columns = [("gold reward", "gold_reward", None, "+.3f"),
+               *[(k, "gold_reward_by_task", k, "+.2f") for k in r["gold_reward_by_task_before"]],
+               ("accuracy", "accuracy", None, ".3f")]  # fmt: skip
     lines = ["", "## PPO: flawed demonstrations -> reward model of its own samples -> PPO", ""]
-    lines += ["| | gold reward | " + " | ".join(kinds) + " | accuracy |"]
-    lines += ["|" + "---|" * (len(kinds) + 3)]
-    for when, name in (("before", "SFT on flawed demonstrations"), ("after", "PPO")):
-        by_kind = [f"{r[f'gold_reward_by_task_{when}'][k]:+.2f}" for k in kinds]
-        lines.append(f"| {name} | {r[f'gold_reward_{when}']:+.3f} | " + " | ".join(by_kind)
-                     + f" | {r[f'accuracy_{when}']:.3f} |")  # fmt: skip
+    lines += before_after_table(r, ("SFT on flawed demonstrations", "PPO"), columns)
     lines += ["", f"{r['flawed']:.0%} of the SFT answers were rude or rambling; the reward model "
               f"learned from the world's pairs plus gold-labelled pairs of the SFT model's own "
               f"samples. PPO's KL per reply in training {r['kl_per_reply_training']:.2f} (target "
-              f"{r['target_kl']:g}), KL per "
-              f"token to the SFT model on greedy replies {r['kl_to_sft']:.3f}; "
-              f"{seconds['ppo']} s (`posttrain/world/rlhf.py`)."]  # fmt: skip
-    return lines + replies_lines(replies, (("before", "SFT"), ("after", "PPO")), PROMPTS[:3])
+              f"{r['target_kl']:g}), KL per token to the SFT model on greedy replies "
+              f"{r['kl_to_sft']:.3f}; {seconds['ppo']} s (`posttrain/world/rlhf.py`)."]  # fmt: skip
+    return lines + replies_lines(replies, ("SFT", "PPO"), PROMPTS[:3])
+
+
+def before_after_table(r: dict, names: tuple[str, str], columns: list) -> list[str]:
+    """A Markdown table with a row for the model before and one after; each column is (header,
+    metric, sub-key or None, format) and reads r[f"{metric}_before"] (or _after)."""
+    lines = ["| | " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for when, name in zip(("before", "after"), names):
+        cells = []
+        for _, metric, sub, fmt in columns:
+            value = r[f"{metric}_{when}"]
+            cells.append(format(value.get(sub, 0.0) if sub else value, fmt))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def replies_lines(replies: dict, names: tuple[str, str], prompts) -> list[str]:
+    """Each prompt with the greedy replies of the models before and after."""
+    lines = []
+    for prompt in prompts if replies else ():
+        lines += ["", f"**{prompt}**"]
+        lines += [f"- {name}: `{one_line(replies[when][prompt])}`"
+                  for when, name in zip(("before", "after"), names)]  # fmt: skip
+    return lines
 
 
 def abliteration_section(results: dict, seconds: dict) -> list[str]:
