@@ -74,6 +74,9 @@ def add_to_report(demo: Path, results: dict, figure: Path) -> None:
 
     from posttrain.io import write_text_atomic
 
+    if not (demo / "report.md").is_file():  # an interrupted demo: the figure stays in --out
+        print(f"{demo / 'report.md'}: not found; the frontier is not added to it")
+        return
     (demo / "plots").mkdir(exist_ok=True)
     shutil.copyfile(figure, demo / "plots" / "frontier.png")
     text = (demo / "report.md").read_text()

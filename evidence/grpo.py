@@ -5,8 +5,10 @@
 Trains a short SFT model (the demo's `--quick` settings: LoRA r 16, 3 epochs at lr 2e-3, so
 arithmetic has room to improve), then GRPO with a new LoRA on the 500 arithmetic training
 prompts with the exact-answer reward (`posttrain.rollout.rewards:exact_answer`): 8 prompts x
-8 completions per step, 150 steps, lr 1e-3, beta 0. Evaluates exact-match accuracy per task
-kind on the held-out split before and after; prints a Markdown table, writes results.json.
+8 completions per step, 150 steps, lr 1e-3, beta 0. Both settings are the demo's own
+(`posttrain.demo`), so this is the demo's GRPO stage on its own. Evaluates exact-match
+accuracy per task kind on the held-out split before and after; prints a Markdown table,
+writes results.json.
 """
 
 from __future__ import annotations
@@ -15,16 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
-SFT = {
-    "adapter": "lora", "lora": {"r": 16, "alpha": 32}, "packing": False, "max_length": 512,
-    "batch_size": 16, "epochs": 3, "lr": 2e-3, "warmup": 0.05, "log_every": 25, "offline": True,
-}  # fmt: skip
-GRPO = {
-    "adapter": "lora", "lora": {"r": 16, "alpha": 32},
-    "reward": {"fn": ["posttrain.rollout.rewards:exact_answer"]}, "batch_size": 8,
-    "num_generations": 8, "max_new_tokens": 12, "temperature": 1.0, "max_steps": 150,
-    "lr": 1e-3, "warmup": 0.05, "beta": 0.0, "log_every": 10, "offline": True,
-}  # fmt: skip
+from posttrain.demo import GRPO_SETTINGS as GRPO  # the demo's GRPO stage is this run
+from posttrain.demo import sft_settings
+
+SFT = sft_settings(quick=True)
 
 
 def accuracy(path: Path, data: Path) -> dict:

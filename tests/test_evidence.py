@@ -57,6 +57,8 @@ def test_evaluation_table_and_plot_run_on_a_tiny_model(scripts, tmp_path, capsys
     assert report.count(frontier.SECTION) == 1 and report.count("## Completions") == 1
     assert report.index("rows") < report.index(frontier.SECTION) < report.index("## Completions")
     assert "| DPO beta 0.1 |" in report and (demo / "plots" / "frontier.png").is_file()
+    (demo / "report.md").unlink()  # an interrupted demo folder: nothing to add to, no error
+    frontier.add_to_report(demo, results, tmp_path / "frontier.png")
     assert ppo_script.rl_prompts(data).is_file()
     for call, message in ((lambda: ppo_script.rl_prompts(tmp_path), "overwrite=true\n"),
                           (lambda: ppo_script.demo_run(tmp_path, "sft"), "runs/sft: no finished")):  # fmt: skip

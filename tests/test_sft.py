@@ -172,5 +172,9 @@ def test_a_run_with_checkpoints_resumes_only_under_its_own_settings(tiny_dir, tm
         assert len(err.splitlines()) == 1 and "choose another output_dir" in err, err
         assert f"started with {changed[0].split('=')[0]}=" in err
     assert (out / "config.yaml").read_text() == before  # nothing rewritten
+    (out / "config.yaml").write_text(before + "lr: [\n")  # a damaged config.yaml
+    assert main(base_args(tiny_dir, data, out, "max_steps=2")) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    (out / "config.yaml").write_text(before)
     # what is logged or kept may change: the finished run resumes at its last step
     assert main(base_args(tiny_dir, data, out, "max_steps=2", "log_every=5")) == 0

@@ -47,7 +47,11 @@ def check_output_dir(cfg: TrainConfig) -> None:
 def check_same_settings(cfg: TrainConfig, saved: Path) -> None:
     """Refuse, naming the first key, when the run's config.yaml differs from `cfg` outside
     RESUME_MAY_CHANGE; keys the saved file lacks (an older posttrain) are not compared."""
-    old = yaml.safe_load(saved.read_text()) or {}
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{saved}: not valid YAML ({str(exc).splitlines()[0]}); "
+                        "restore it or choose another output_dir") from None  # fmt: skip
     first = next(differences(cfg, old, yaml.safe_load(dump_yaml(cfg))), None)
     if first:
         key, was, now = first
