@@ -151,8 +151,8 @@ def train_dpo(ctx: Context) -> str:
 
 def train_grpo(ctx: Context) -> str:
     """GRPO with the exact-answer reward on the arithmetic prompts, from a short SFT run (the
-    `--quick` SFT settings, as `evidence/grpo.py`): the full SFT run leaves arithmetic no room
-    (0.94; GRPO from it ends at 0.92-0.94)."""
+    `--quick` SFT settings, as `evidence/grpo.py`): the full SFT run's arithmetic is already
+    0.94, which leaves GRPO no room (README, "The tiny world")."""
     from posttrain.train.grpo import grpo
     from posttrain.train.sft import sft
 
