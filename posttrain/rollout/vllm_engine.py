@@ -6,7 +6,8 @@ CPU build) it runs on the CPU instead, holding that share of the RAM (or the cac
 `VLLM_CPU_KVCACHE_SPACE` gives in GiB):
 
 - It is built from the first full model of `cfg.model` (an adapter run's base, followed down
-  the chain) with the run's tokenizer, and the policy's weights are pushed into it before the
+  the chain) and that model's tokenizer (token ids go in and come out, and `new_tokens` are
+  refused, so the vocabulary is the same), and the policy's weights are pushed into it before the
   first sample of every optimizer step (`policy_weights`): LoRA layers as W + s B A computed
   beside the training weights (never merged into them), a QLoRA base de-quantised first. The
   push goes through the worker's `reload_weights` (vLLM's in-place reload, which redoes what
@@ -146,6 +147,22 @@ def to_rollout(prompts: Sequence[Sequence[int]], outputs: Sequence[Any], eos: Se
 # ----------------------------------------------------------------------------- engine
 
 
+def check_vocabulary(model: nn.Module, cfg: Any) -> None:
+    """vLLM loads the chain's first full model: the policy must have its vocabulary (tokens an
+    earlier run added live in that run's adapter, which vLLM never loads)."""
+    from transformers import AutoConfig
+
+    root = root_model(cfg.model)
+    extra = {"revision": cfg.revision} if cfg.revision else {}
+    config = AutoConfig.from_pretrained(root, trust_remote_code=cfg.trust_remote_code, **extra)
+    vocab, rows = config.get_text_config().vocab_size, model.get_input_embeddings().weight.shape[0]
+    if vocab != rows:
+        raise UserError(f"engine=vllm: the policy has {rows} token embeddings, its base model "
+                        f"{root} has {vocab} (an earlier run added tokens): fold that run in "
+                        "with `posttrain merge adapter=RUN output_dir=DIR` and start from DIR, "
+                        "or use engine=hf")  # fmt: skip
+
+
 def start_llm(cfg: Any, max_model_len: int):
     """The colocated `vllm.LLM` for `cfg` (see the module doc); a clear error without vLLM."""
     vllm_device()
@@ -160,7 +177,8 @@ def start_llm(cfg: Any, max_model_len: int):
     dtype = "auto" if cfg.dtype == "auto" or cfg.adapter == "qlora" else cfg.dtype
     extra = {"revision": cfg.revision} if cfg.revision else {}
     threads = torch.get_num_threads()  # vLLM's CPU build lowers it to 1 "for serving"
-    llm = LLM(model=root_model(cfg.model), tokenizer=model_folder(cfg.model)[0], dtype=dtype,
+    root = root_model(cfg.model)  # its tokenizer too: token ids in, ids out; no new_tokens
+    llm = LLM(model=root, tokenizer=root, dtype=dtype,
               gpu_memory_utilization=cfg.vllm_gpu_memory, seed=cfg.seed,
               max_model_len=max_model_len,
               enable_prefix_caching=True, trust_remote_code=cfg.trust_remote_code,
@@ -181,8 +199,10 @@ class VllmEngine:
     def __init__(self, cfg: Any, model: nn.Module, eos: Sequence[int], pad: int,
                  params: Callable[..., Any] | None = None):  # fmt: skip
         self.cfg, self.model, self.eos, self.pad = cfg, model, list(eos), pad
+        check_vocabulary(model, cfg)
         longest = cfg.max_prompt_length + cfg.max_new_tokens
-        self.llm = start_llm(cfg, min(longest, position_limit(model.config) or longest))
+        limit = min(longest, position_limit(model.config) or longest)
+        self.llm = start_llm(cfg, limit)
         self.params = params or vllm_params  # SamplingParams(**settings)
         self.pushed_at: int | None = None  # the optimizer step whose weights vLLM holds
 
