@@ -176,15 +176,10 @@ def start_llm(cfg: Any, max_model_len: int):
 
     dtype = "auto" if cfg.dtype == "auto" or cfg.adapter == "qlora" else cfg.dtype
     extra = {"revision": cfg.revision} if cfg.revision else {}
-    threads = torch.get_num_threads()  # vLLM's CPU build lowers it to 1 "for serving"
     root = root_model(cfg.model)  # its tokenizer too: token ids in, ids out; no new_tokens
-    llm = LLM(model=root, tokenizer=root, dtype=dtype,
-              gpu_memory_utilization=cfg.vllm_gpu_memory, seed=cfg.seed,
-              max_model_len=max_model_len,
-              enable_prefix_caching=True, trust_remote_code=cfg.trust_remote_code,
-              **extra)  # fmt: skip
-    torch.set_num_threads(threads)
-    return llm
+    return LLM(model=root, tokenizer=root, dtype=dtype, gpu_memory_utilization=cfg.vllm_gpu_memory,
+               seed=cfg.seed, max_model_len=max_model_len, enable_prefix_caching=True,
+               trust_remote_code=cfg.trust_remote_code, **extra)  # fmt: skip
 
 
 def vllm_params(**settings) -> Any:
