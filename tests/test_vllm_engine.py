@@ -260,3 +260,16 @@ def test_real_vllm_grpo_trains_and_resumes(tmp_path, small_cpu_cache):
         assert [a[k] for k in ("loss", "reward_mean", "grad_norm")] == [
             b[k] for k in ("loss", "reward_mean", "grad_norm")
         ]
+
+
+@needs_vllm
+def test_real_vllm_ppo_runs_with_its_value_head(tmp_path, small_cpu_cache):
+    """PPO through real vLLM: the value head stays out of the push (vLLM's loader would reject
+    it), the first pass has ratio 1, and the KL to the reference starts at 0 (a fresh LoRA)."""
+    folder = save_tiny_for_vllm(tmp_path / "base")
+    data, out = write_prompts(tmp_path / "p.jsonl"), tmp_path / "run"
+    ppo(online_config(folder, data, out, engine="vllm", batch_size=4, max_steps=2, ppo_epochs=1,
+                      vllm_gpu_memory=0.2))  # fmt: skip
+    first = metrics(out)[0]
+    assert first["approx_kl"] == 0 and abs(first["kl"]) < 1e-6
+    assert (out / "final").is_dir()
