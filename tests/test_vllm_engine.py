@@ -264,8 +264,8 @@ def test_real_vllm_grpo_trains_and_resumes(tmp_path, small_cpu_cache):
 
 @needs_vllm
 def test_real_vllm_ppo_runs_with_its_value_head(tmp_path, small_cpu_cache):
-    """PPO through real vLLM (the policy carries a value head, which vLLM's model does not
-    have): the first pass has ratio 1, and the KL to the reference starts at 0 (a fresh LoRA)."""
+    """PPO through real vLLM (the engine gets the policy without its value head): the first pass
+    has ratio 1, and the KL to the reference starts at 0 (a fresh LoRA)."""
     folder = save_tiny_for_vllm(tmp_path / "base")
     data, out = write_prompts(tmp_path / "p.jsonl"), tmp_path / "run"
     ppo(online_config(folder, data, out, engine="vllm", batch_size=4, max_steps=2, ppo_epochs=1,
