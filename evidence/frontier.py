@@ -3,7 +3,7 @@ the DPO paper), as gold reward of held-out greedy replies against KL to the SFT 
 table also has the sampled replies' gold reward and the learned reward, as `evidence/ppo.py`).
 
     posttrain demo output_dir=posttrain-demo
-    python evidence/frontier.py --demo posttrain-demo [--out DIR]
+    python evidence/frontier.py --demo posttrain-demo [--out DIR] [--seed N]
 
 DPO: LoRA on the demo's SFT run, the gold-labelled pairs, with the chosen NLL (RPO,
 `sft_weight=1`), 3 epochs at lr 1e-3 per beta. PPO: as `evidence/ppo.py` (200 steps against
@@ -34,6 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", default="posttrain-demo", help="a `posttrain demo` folder")
     parser.add_argument("--out", default="frontier-evidence")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="training seed of every DPO/PPO run (42: the config default)")  # fmt: skip
     args = parser.parse_args()
     from posttrain.rollout.rewards import RewardModel
     from posttrain.train.dpo import dpo
@@ -45,21 +47,23 @@ def main() -> None:
     prompts = rl_prompts(data)
     scorer = RewardModel(str(reward))
     results: dict[str, dict] = {"SFT": evaluate(str(sft), str(sft), data, scorer)}
+    seed = {"seed": args.seed}
+    tag = f"_seed{args.seed}" if args.seed != 42 else ""  # a run folder per seed
     for beta in DPO_BETAS:
-        run = out / f"dpo_beta{beta}"
+        run = out / f"dpo_beta{beta}{tag}"
         if not (run / "final").is_dir():
-            dpo({**DPO, "beta": beta, "model": str(sft), "output_dir": str(run),
+            dpo({**DPO, **seed, "beta": beta, "model": str(sft), "output_dir": str(run),
                  "data": {"train": str(data / "preference_train.jsonl")}})  # fmt: skip
         results[f"DPO beta {beta}"] = evaluate(str(run), str(sft), data, scorer)
     for beta in PPO_BETAS:
-        run = out / f"ppo_beta{beta}"
+        run = out / f"ppo_beta{beta}{tag}"
         if not (run / "final").is_dir():
             reward_cfg = {"model": str(reward)}
-            ppo({**PPO_COMMON, "beta": beta, "target_kl": 0.0, "lr": 1e-4, "model": str(sft),
+            ppo({**PPO_COMMON, **seed, "beta": beta, "target_kl": 0.0, "lr": 1e-4, "model": str(sft),
                  "output_dir": str(run), "data": {"train": str(prompts)},
                  "reward": reward_cfg})  # fmt: skip
         results[f"PPO beta {beta}"] = evaluate(str(run), str(sft), data, scorer)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"results{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "frontier.png")
     add_to_report(demo, results, out / "frontier.png")
     print(table(results))
