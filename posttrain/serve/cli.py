@@ -127,8 +127,6 @@ def vllm_command(cfg: ServeConfig) -> list[str]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base or where]
     cmd += ["--served-model-name", base or cfg.served_name(), "--host", cfg.host]
     cmd += ["--port", str(cfg.port), "--max-num-seqs", str(cfg.max_batch_size)]
-    if cfg.key():
-        cmd += ["--api-key", cfg.key()]
     if loras:
         ranks = [
             json.loads(Path(p, "adapter_config.json").read_text()).get("r", 8)
@@ -146,8 +144,14 @@ def exec_vllm(cfg: ServeConfig) -> None:
 
     vllm_device()
     cmd = vllm_command(cfg)
-    print("starting vLLM:", " ".join(a if a != cfg.key() else "***" for a in cmd), flush=True)
-    os.execv(cmd[0], cmd)
+    print("starting vLLM:", " ".join(cmd), flush=True)
+    os.execve(cmd[0], cmd, vllm_env(cfg))
+
+
+def vllm_env(cfg: ServeConfig) -> dict[str, str]:
+    """vLLM's environment: the API key goes in VLLM_API_KEY, never on the command line (which
+    other users of the machine can read in the process list)."""
+    return {**os.environ, "VLLM_API_KEY": cfg.key()} if cfg.key() else dict(os.environ)
 
 
 def serve(cfg: ServeConfig) -> None:
