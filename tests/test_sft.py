@@ -175,6 +175,12 @@ def test_a_run_with_checkpoints_resumes_only_under_its_own_settings(tiny_dir, tm
     (out / "config.yaml").write_text(before + "lr: [\n")  # a damaged config.yaml
     assert main(base_args(tiny_dir, data, out, "max_steps=2")) == 2
     assert "not valid YAML" in capsys.readouterr().err
+    (out / "config.yaml").write_text("- lr\n")  # valid YAML, but no settings
+    assert main(base_args(tiny_dir, data, out, "max_steps=2")) == 2
+    assert "not a mapping of settings" in capsys.readouterr().err
+    (out / "config.yaml").write_text(before.replace("data:", "data: x\nold_data:"))
+    assert main(base_args(tiny_dir, data, out, "max_steps=2")) == 2  # a section that is a string
+    assert "started with data='x'" in capsys.readouterr().err
     (out / "config.yaml").write_text(before)
     # what is logged or kept may change: the finished run resumes at its last step
     assert main(base_args(tiny_dir, data, out, "max_steps=2", "log_every=5")) == 0

@@ -52,6 +52,9 @@ def check_same_settings(cfg: TrainConfig, saved: Path) -> None:
     except yaml.YAMLError as exc:
         raise UserError(f"{saved}: not valid YAML ({str(exc).splitlines()[0]}); "
                         "restore it or choose another output_dir") from None  # fmt: skip
+    if not isinstance(old, dict):
+        raise UserError(f"{saved}: not a mapping of settings; restore it or choose another "
+                        "output_dir")  # fmt: skip
     first = next(differences(cfg, old, yaml.safe_load(dump_yaml(cfg))), None)
     if first:
         key, was, now = first
@@ -68,7 +71,7 @@ def differences(cfg, old: dict, new: dict, prefix: str = ""):
         key = prefix + f.name
         if f.name not in old or key in RESUME_MAY_CHANGE:
             continue
-        if is_dataclass(getattr(cfg, f.name)):
+        if is_dataclass(getattr(cfg, f.name)) and isinstance(old[f.name] or {}, dict):
             yield from differences(getattr(cfg, f.name), old[f.name] or {}, new[f.name], key + ".")
         elif old[f.name] != new[f.name]:
             yield key, old[f.name], new[f.name]
