@@ -67,6 +67,31 @@ def main() -> None:
     plot(results, out / "frontier.png")
     add_to_report(demo, results, out / "frontier.png")
     print(table(results))
+    runs = [json.loads(path.read_text()) for path in sorted(out.glob("results*.json"))]
+    if len(runs) > 1:
+        print(f"\nOver the {len(runs)} seeds in {out}, mean (min-max):\n\n{seeds_table(runs)}")
+
+
+def seeds_table(runs: list[dict]) -> str:
+    """Greedy gold and KL to SFT over several seeds' results: mean (min-max) per row."""
+    import statistics
+
+    def cell(values: list[float], fmt: str) -> str:
+        if max(values) == min(values):
+            return format(values[0], fmt)
+        spread = f"{min(values):{fmt}} to {max(values):{fmt}}"
+        return f"{statistics.mean(values):{fmt}} ({spread})"
+
+    lines = ["| run | gold, greedy | KL to SFT |", "|---|---|---|"]
+    for name in runs[0]:
+        gold = cell([r[name]["gold_greedy"] for r in runs], "+.3f")
+        kl = (
+            cell([r[name]["kl_to_sft"] for r in runs], ".2f")
+            if "kl_to_sft" in runs[0][name]
+            else "-"
+        )
+        lines.append(f"| {name} | {gold} | {kl} |")
+    return "\n".join(lines)
 
 
 SECTION = "## Reward vs KL: DPO and PPO at several betas (evidence/frontier.py)"

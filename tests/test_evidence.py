@@ -100,3 +100,12 @@ def test_bad_flags_and_a_reused_folder_with_other_settings_exit_2(scripts, tmp_p
     with pytest.raises(SystemExit) as stop:
         refusals.same_settings(tmp_path, {"flawed": 0.0, "target_kl": 2.0})
     assert stop.value.code == 2 and "choose another --out" in capsys.readouterr().err
+
+
+def test_frontier_seeds_table_gives_mean_and_range(scripts):
+    frontier = scripts[1]
+    runs = [{"SFT": {"gold_greedy": 0.3}, "DPO beta 0.1": {"gold_greedy": g, "kl_to_sft": k}}
+            for g, k in ((0.5, 1.0), (0.7, 2.0))]  # fmt: skip
+    table = frontier.seeds_table(runs)
+    assert "| SFT | +0.300 | - |" in table
+    assert "| DPO beta 0.1 | +0.600 (+0.500 to +0.700) | 1.50 (1.00 to 2.00) |" in table

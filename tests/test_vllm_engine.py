@@ -119,6 +119,9 @@ class StandInLLM:
         self.model = AutoModelForCausalLM.from_pretrained(folder).eval()
         self.pushes = []
 
+    def apply_model(self, fn):
+        return [fn(self.model)]
+
     def collective_rpc(self, method, kwargs):
         assert method == "reload_weights"  # the worker's in-place reload, in checkpoint format
         state = {name: tensor.clone() for name, tensor in kwargs["weights_iterator"]}

@@ -10,7 +10,7 @@ CPU build) it runs on the CPU instead, holding that share of the RAM (or the cac
   refused, so the vocabulary is the same), and the policy's weights are pushed into it before the
   first sample of every optimizer step (`policy_weights`): LoRA layers as W + s B A computed
   beside the training weights (never merged into them), a QLoRA base de-quantised first. The
-  push goes through the worker's `reload_weights` (vLLM's in-place reload, which redoes what
+  push (in vLLM's own dtype) goes through the worker's `reload_weights` (vLLM's in-place reload, which redoes what
   loading does after the weights, e.g. the CPU build's repacking; a bare `load_weights` fails
   there), in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0` unless set), and the prefix cache is
   reset after it. `max_model_len` is the longest prompt plus completion, capped at the model's
@@ -182,6 +182,11 @@ def start_llm(cfg: Any, max_model_len: int):
                trust_remote_code=cfg.trust_remote_code, **extra)  # fmt: skip
 
 
+def floating_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's floating-point weights (vLLM's copy: the checkpoint's or `dtype`)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
 def vllm_params(**settings) -> Any:
     from vllm import SamplingParams
 
@@ -198,12 +203,13 @@ class VllmEngine:
         longest = cfg.max_prompt_length + cfg.max_new_tokens
         limit = min(longest, position_limit(model.config) or longest)
         self.llm = start_llm(cfg, limit)
+        self.dtype = self.llm.apply_model(floating_dtype)[0]  # pushed in it: no cast warnings
         self.params = params or vllm_params  # SamplingParams(**settings)
         self.pushed_at: int | None = None  # the optimizer step whose weights vLLM holds
 
     def push(self) -> None:
         """Load the policy's current weights into vLLM and drop its (now stale) prefix cache."""
-        weights = policy_weights(self.model)
+        weights = ((name, tensor.to(self.dtype)) for name, tensor in policy_weights(self.model))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
 
